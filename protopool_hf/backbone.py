@@ -1,0 +1,164 @@
+"""The timm backbone: creation, pruning of unused modules, and one NCHW feature map whatever the model emits.
+
+Every timm model can be a ProtoPool backbone. Its feature map comes from `forward_features` (the last map: after
+EfficientNet's `conv_head`, after a ViT's final norm) or, with `feature_stage=k`, from `forward_intermediates` at
+stage `k`. Outputs are brought to NCHW:
+
+- NCHW CNNs are used as they are;
+- NHWC models (`model.output_fmt == "NHWC"`: MambaOut, Swin) are permuted;
+- token models (ViT, DeiT, EVA) drop their prefix tokens (class, register, distillation) and are reshaped to the patch
+  grid.
+
+Modules that the forward never uses (a ConvNeXt's head norm, a ViT's `fc_norm`, MambaOut's pre-logits) are replaced
+by `nn.Identity`, so every trainable parameter gets a gradient and DDP needs no `find_unused_parameters`. Which
+modules are unused is found by a forward and backward pass on the meta device, which costs no compute.
+"""
+
+import torch
+from torch import nn
+
+
+__all__ = ["backbone_feature_map", "create_backbone", "feature_channels"]
+
+
+def create_backbone(
+    name: str,
+    *,
+    pretrained: bool = False,
+    feature_stage: int | None = None,
+    input_size: tuple[int, int, int] | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Create a timm model as a feature extractor, with the modules its features never use removed.
+
+    Args:
+        name: a timm model name, optionally with a pretrained tag (`"resnet50.tv_in1k"`).
+        pretrained: load timm's pretrained weights (a local file through
+            `pretrained_cfg_overlay={"file": path}` in `kwargs` works offline).
+        feature_stage: `None` for `forward_features`; an int for that stage of `forward_intermediates`.
+        input_size: `(3, H, W)` used to probe which modules the forward uses; defaults to timm's input size.
+        **kwargs: passed to `timm.create_model`.
+
+    Returns:
+        The timm model, without classifier and pooling (`num_classes=0, global_pool=""`).
+    """
+    import timm
+
+    kwargs = {"num_classes": 0, "global_pool": "", **kwargs}
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    if feature_stage is not None:
+        _prune_after_stage(model, feature_stage)
+    probe_kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg_overlay", "checkpoint_path")}
+    with torch.device("meta"):
+        probe = timm.create_model(name, pretrained=False, **probe_kwargs)
+        if feature_stage is not None:
+            _prune_after_stage(probe, feature_stage)
+    size = input_size or tuple(probe.pretrained_cfg.get("input_size", (3, 224, 224)))
+    unused, called = _probe_usage(probe, feature_stage, size)
+    _remove_unused_modules(model, unused, called)
+    return model
+
+
+def feature_channels(model: nn.Module, feature_stage: int | None = None) -> int:
+    """The channel count of the feature map, from timm's metadata (`num_features` or `feature_info`)."""
+    if feature_stage is None:
+        return int(model.num_features)
+    return int(model.feature_info[_stage_index(model, feature_stage)]["num_chs"])
+
+
+def backbone_feature_map(model: nn.Module, pixel_values: torch.Tensor, feature_stage: int | None = None) -> torch.Tensor:
+    """Run the backbone and return its feature map as NCHW.
+
+    Args:
+        model: a model from `create_backbone`.
+        pixel_values: `(N, 3, H_in, W_in)` images.
+        feature_stage: as given to `create_backbone`.
+
+    Returns:
+        `(N, C_feat, H, W)` feature map.
+    """
+    if feature_stage is not None:
+        index = _stage_index(model, feature_stage)
+        return model.forward_intermediates(pixel_values, indices=[index], intermediates_only=True, output_fmt="NCHW")[
+            -1
+        ]
+    features = model.forward_features(pixel_values)
+    if features.ndim == 3:  # (N, L, C) tokens
+        return _tokens_to_map(model, features, pixel_values.shape[-2:])
+    if getattr(model, "output_fmt", "NCHW") == "NHWC":
+        return features.permute(0, 3, 1, 2)
+    return features
+
+
+# ---------------------------------------------------------------------------- helpers
+def _stage_index(model: nn.Module, feature_stage: int) -> int:
+    count = len(model.feature_info)
+    index = feature_stage if feature_stage >= 0 else count + feature_stage
+    if not 0 <= index < count:
+        raise ValueError(
+            f"`feature_stage`={feature_stage} is out of range for this backbone, which has {count} stages "
+            f"(use 0..{count - 1}, or a negative index from the end)."
+        )
+    return index
+
+
+def _prune_after_stage(model: nn.Module, feature_stage: int) -> None:
+    if not hasattr(model, "forward_intermediates"):
+        raise ValueError(
+            f"`feature_stage` needs a timm backbone with `forward_intermediates`; {type(model).__name__} has none. "
+            "Leave `feature_stage=None` to use the last feature map."
+        )
+    index = _stage_index(model, feature_stage)
+    model.prune_intermediate_layers([index], prune_norm=True, prune_head=True)
+
+
+def _tokens_to_map(model: nn.Module, tokens: torch.Tensor, image_hw: torch.Size) -> torch.Tensor:
+    tokens = tokens[:, getattr(model, "num_prefix_tokens", 0) :]
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is not None:
+        height = image_hw[0] // patch[0]
+    else:
+        height = int(round(tokens.shape[1] ** 0.5))
+    if height == 0 or tokens.shape[1] % height:
+        raise ValueError(
+            f"Cannot reshape {tokens.shape[1]} tokens of {type(model).__name__} to a grid for an input of "
+            f"{tuple(image_hw)}: use an input size that is a multiple of the patch size."
+        )
+    return tokens.unflatten(1, (height, tokens.shape[1] // height)).permute(0, 3, 1, 2)
+
+
+def _probe_usage(probe: nn.Module, feature_stage: int | None, size: tuple[int, ...]) -> tuple[set[str], set[str]]:
+    """Names of the parameters that get no gradient, and of the modules the forward calls (on the meta device)."""
+    params = dict(probe.named_parameters())
+    called: set[str] = set()
+    hooks = [
+        module.register_forward_pre_hook(lambda *_, name=name: called.add(name)) for name, module in probe.named_modules()
+    ]
+    try:
+        features = backbone_feature_map(probe, torch.empty(1, *size, device="meta"), feature_stage)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not params:
+        return set(), called
+    grads = torch.autograd.grad(features.sum(), list(params.values()), allow_unused=True)
+    return {name for name, grad in zip(params, grads, strict=True) if grad is None}, called
+
+
+def _remove_unused_modules(model: nn.Module, unused: set[str], called: set[str]) -> None:
+    """Replace the largest never-called modules whose parameters are all unused by `nn.Identity`; freeze the rest."""
+    if not unused:
+        return
+    replaced: list[str] = []
+    for module_name, module in model.named_modules():
+        if not module_name or any(module_name.startswith(prefix + ".") for prefix in replaced):
+            continue
+        names = [f"{module_name}.{n}" for n, _ in module.named_parameters()]
+        if names and module_name not in called and all(n in unused for n in names):
+            parent_name, _, child = module_name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, nn.Identity())
+            replaced.append(module_name)
+    for name, param in model.named_parameters():
+        if name in unused:
+            param.requires_grad_(False)

@@ -1,0 +1,268 @@
+"""Configuration of ProtoPool models.
+
+ProtoPool: Rymarczyk et al., "Interpretable Image Classification with Differentiable Prototypes Assignment",
+ECCV 2022 (https://arxiv.org/abs/2112.02902).
+
+The config is the single source of truth: every constructor argument of the model, every loss weight and every
+schedule constant lives here, and is checked here.
+"""
+
+import difflib
+import math
+from typing import Any
+
+from transformers import PretrainedConfig
+
+
+__all__ = ["PRESETS", "ProtoPoolConfig"]
+
+__version__ = "0.1.0"
+
+# Named recipes from the paper and the official README (DESIGN.md §2), kept as data.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cub200": {
+        "backbone": "resnet50",
+        "num_labels": 200,
+        "num_prototypes": 202,
+        "num_slots_per_class": 10,
+        "prototype_dim": 256,
+        "input_size": [3, 224, 224],
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225],
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+    },
+    "cars196": {
+        "backbone": "resnet50.tv_in1k",
+        "num_labels": 196,
+        "num_prototypes": 195,
+        "num_slots_per_class": 10,
+        "prototype_dim": 128,
+        "input_size": [3, 224, 224],
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225],
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+    },
+}
+
+_POSITIVE_INTS = ("num_prototypes", "num_slots_per_class", "prototype_dim", "gumbel_scale_epochs")
+_POSITIVE_FLOATS = ("similarity_epsilon", "gumbel_tau", "gumbel_scale_max")
+_NON_NEGATIVE_FLOATS = ("cluster_weight", "separation_weight", "orthogonality_weight", "l1_weight")
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+
+
+class ProtoPoolConfig(PretrainedConfig):
+    r"""Configuration of a [`ProtoPoolForImageClassification`]: a timm backbone with a prototype-pool head.
+
+    Shape alphabet: C classes (`num_labels`), P prototypes, S slots per class, D prototype dim.
+
+    Args:
+        backbone (`str`, *optional*, defaults to `"resnet50"`):
+            Any timm model name (`timm.list_models()`), optionally with a pretrained tag (`"resnet50.tv_in1k"`).
+        backbone_pretrained (`bool`, *optional*, defaults to `False`):
+            Load timm's pretrained weights when the model is built from this config (never in `from_pretrained`,
+            whose checkpoint already holds them).
+        backbone_kwargs (`dict`, *optional*):
+            Extra keyword arguments for `timm.create_model`, e.g. `{"pretrained_cfg_overlay": {"file": path}}` to
+            load pretrained weights from a local file, or `{"drop_path_rate": 0.1}`.
+        feature_stage (`int`, *optional*):
+            `None` uses the backbone's last feature map (`forward_features`). An integer `k` uses the output of
+            stage `k` (timm's `forward_intermediates` indexing, negative counts from the end) and drops the later
+            stages, for small inputs where the last map would be tiny.
+        num_prototypes (`int`, *optional*, defaults to 202): P, the size of the shared prototype pool.
+        num_slots_per_class (`int`, *optional*, defaults to 10): S, the slots of each class. P > S is required.
+        prototype_dim (`int`, *optional*, defaults to 256): D, the channels of the latent map and the prototypes.
+        similarity_epsilon (`float`, *optional*, defaults to 1e-4): ε in φ(d) = log((d + 1) / (d + ε)).
+        gumbel_tau (`float`, *optional*, defaults to 0.5): temperature of the training-time Gumbel-softmax.
+        gumbel_scale_max (`float`, *optional*, defaults to 1000.0): final assignment scale s of the schedule.
+        gumbel_scale_epochs (`int`, *optional*, defaults to 30): T, the epochs over which s rises as
+            s_max·sqrt((e + 1) / T).
+        cluster_weight (`float`, *optional*, defaults to 0.8): weight of the cluster term.
+        separation_weight (`float`, *optional*, defaults to 0.08): weight of the separation term (subtracted).
+        orthogonality_weight (`float`, *optional*, defaults to 1.0): weight of the slot orthogonality term.
+        l1_weight (`float`, *optional*, defaults to 1e-4): weight of the L1 penalty on off-class last-layer weights.
+        input_size (`list[int]`, *optional*): `[3, H, W]` model input; `None` takes timm's value for the backbone.
+        image_mean (`list[float]`, *optional*): normalisation mean; `None` takes timm's.
+        image_std (`list[float]`, *optional*): normalisation std; `None` takes timm's.
+        interpolation (`str`, *optional*): resize interpolation; `None` takes timm's.
+        crop_pct (`float`, *optional*): eval centre-crop fraction; `None` takes timm's; 1.0 resizes without crop.
+        projection_dataset (`str`, *optional*): name or fingerprint of the dataset the prototypes were projected on.
+        projection_input_size (`list[int]`, *optional*): input size used during that projection.
+        protopool_version (`str`, *optional*): the protopool-hf version that wrote this config (set automatically).
+
+    Example:
+        ```python
+        >>> from protopool_hf import ProtoPoolConfig
+        >>> config = ProtoPoolConfig(backbone="test_resnet", num_labels=3, num_prototypes=6, num_slots_per_class=2)
+        >>> config.num_prototypes, config.data_config()["input_size"]
+        (6, (3, 160, 160))
+        >>> ProtoPoolConfig.from_preset("cub200").num_prototypes
+        202
+        ```
+    """
+
+    model_type = "protopool"
+    # Extra output tensors stay out of `EvalPrediction.predictions`, so `compute_metrics` sees plain logits.
+    keys_to_ignore_at_inference = ["min_distances", "slot_assignment", "loss_terms", "similarities"]
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        backbone_pretrained: bool = False,
+        backbone_kwargs: dict[str, Any] | None = None,
+        feature_stage: int | None = None,
+        num_prototypes: int = 202,
+        num_slots_per_class: int = 10,
+        prototype_dim: int = 256,
+        similarity_epsilon: float = 1e-4,
+        gumbel_tau: float = 0.5,
+        gumbel_scale_max: float = 1000.0,
+        gumbel_scale_epochs: int = 30,
+        cluster_weight: float = 0.8,
+        separation_weight: float = 0.08,
+        orthogonality_weight: float = 1.0,
+        l1_weight: float = 1e-4,
+        input_size: list[int] | None = None,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        interpolation: str | None = None,
+        crop_pct: float | None = None,
+        projection_dataset: str | None = None,
+        projection_input_size: list[int] | None = None,
+        protopool_version: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.backbone = backbone
+        self.backbone_pretrained = backbone_pretrained
+        self.backbone_kwargs = dict(backbone_kwargs) if backbone_kwargs else {}
+        self.feature_stage = feature_stage
+        self.num_prototypes = num_prototypes
+        self.num_slots_per_class = num_slots_per_class
+        self.prototype_dim = prototype_dim
+        self.similarity_epsilon = similarity_epsilon
+        self.gumbel_tau = gumbel_tau
+        self.gumbel_scale_max = gumbel_scale_max
+        self.gumbel_scale_epochs = gumbel_scale_epochs
+        self.cluster_weight = cluster_weight
+        self.separation_weight = separation_weight
+        self.orthogonality_weight = orthogonality_weight
+        self.l1_weight = l1_weight
+        self.input_size = list(input_size) if input_size is not None else None
+        self.image_mean = list(image_mean) if image_mean is not None else None
+        self.image_std = list(image_std) if image_std is not None else None
+        self.interpolation = interpolation
+        self.crop_pct = crop_pct
+        self.projection_dataset = projection_dataset
+        self.projection_input_size = list(projection_input_size) if projection_input_size is not None else None
+        self.protopool_version = protopool_version or __version__
+        super().__init__(**kwargs)
+        self.validate_protopool()
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ProtoPoolConfig":
+        """Build the config of a paper setting (`"cub200"` or `"cars196"`), with any field overridden.
+
+        Args:
+            name: a key of `PRESETS`.
+            **overrides: config fields that replace the preset's values.
+
+        Returns:
+            The config.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}: choose one of {sorted(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
+
+    # ------------------------------------------------------------------ validation
+    def validate_protopool(self) -> None:
+        """Check every ProtoPool field; raise `ValueError` naming the field, the value and the allowed range."""
+        if not isinstance(self.backbone, str) or not self.backbone:
+            raise ValueError(f"`backbone` must be a timm model name (a non-empty str), got {self.backbone!r}.")
+        self.check_backbone_exists()
+        for name in ("backbone_pretrained",):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
+        if not isinstance(self.backbone_kwargs, dict):
+            raise ValueError(f"`backbone_kwargs` must be a dict or None, got {self.backbone_kwargs!r}.")
+        if self.feature_stage is not None and (
+            isinstance(self.feature_stage, bool) or not isinstance(self.feature_stage, int)
+        ):
+            raise ValueError(f"`feature_stage` must be None or an int stage index, got {self.feature_stage!r}.")
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive int (>= 1), got {value!r}.")
+        for name in _POSITIVE_FLOATS:
+            value = getattr(self, name)
+            if not _is_real(value) or not value > 0 or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
+        for name in _NON_NEGATIVE_FLOATS:
+            value = getattr(self, name)
+            if not _is_real(value) or not value >= 0 or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+        if self.num_prototypes <= self.num_slots_per_class:
+            raise ValueError(
+                f"`num_prototypes` ({self.num_prototypes}) must be larger than `num_slots_per_class` "
+                f"({self.num_slots_per_class}): the separation term uses the P - S prototypes a class does not use. "
+                "Raise `num_prototypes` or lower `num_slots_per_class`."
+            )
+        if self.input_size is not None and (
+            len(self.input_size) != 3 or not all(isinstance(v, int) and v > 0 for v in self.input_size)
+        ):
+            raise ValueError(f"`input_size` must be [channels, height, width] of positive ints, got {self.input_size}.")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 3 or not all(_is_real(v) for v in value)):
+                raise ValueError(f"`{name}` must be three numbers (one per RGB channel), got {value!r}.")
+        if self.image_std is not None and not all(v > 0 for v in self.image_std):
+            raise ValueError(f"`image_std` must be > 0 for every channel, got {self.image_std!r}.")
+        if self.interpolation is not None and self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(f"`interpolation` must be one of {_INTERPOLATIONS}, got {self.interpolation!r}.")
+        if self.crop_pct is not None and (not _is_real(self.crop_pct) or not 0 < self.crop_pct <= 1):
+            raise ValueError(f"`crop_pct` must be in (0, 1], got {self.crop_pct!r}.")
+        if getattr(self, "num_labels", 2) < 1:
+            raise ValueError(f"`num_labels` must be >= 1, got {self.num_labels}.")
+
+    def check_backbone_exists(self) -> None:
+        """Raise `ValueError` with close timm names when `backbone` is not a timm model."""
+        import timm
+
+        architecture = self.backbone.split(".", 1)[0]
+        if timm.is_model(architecture):
+            return
+        close = difflib.get_close_matches(architecture, timm.list_models(), n=5, cutoff=0.6)
+        hint = f" Did you mean one of {close}?" if close else " See `timm.list_models()` for the names."
+        raise ValueError(f"`backbone`={self.backbone!r} is not a timm model (timm {timm.__version__}).{hint}")
+
+    # ------------------------------------------------------------------ preprocessing
+    def data_config(self) -> dict[str, Any]:
+        """The preprocessing as a timm data config: `input_size`, `mean`, `std`, `interpolation`, `crop_pct`.
+
+        Fields left `None` in this config are filled from timm's pretrained config of the backbone.
+        """
+        resolved = {}
+        if None in (self.input_size, self.image_mean, self.image_std, self.interpolation, self.crop_pct):
+            import timm
+            from timm.data import resolve_data_config
+
+            self.check_backbone_exists()
+            pretrained_cfg = timm.models.get_pretrained_cfg(self.backbone, allow_unregistered=True)
+            resolved = resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else {})
+        return {
+            "input_size": tuple(self.input_size) if self.input_size is not None else tuple(resolved["input_size"]),
+            "mean": tuple(self.image_mean) if self.image_mean is not None else tuple(resolved["mean"]),
+            "std": tuple(self.image_std) if self.image_std is not None else tuple(resolved["std"]),
+            "interpolation": self.interpolation or resolved["interpolation"],
+            "crop_pct": float(self.crop_pct) if self.crop_pct is not None else float(resolved["crop_pct"]),
+        }
+
+    @property
+    def slot_count(self) -> int:
+        """C·S, the number of inputs of the last layer."""
+        return self.num_labels * self.num_slots_per_class
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

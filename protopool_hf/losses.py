@@ -1,0 +1,132 @@
+"""ProtoPool's loss terms as pure functions of tensors.
+
+Shape alphabet: N batch, C classes, P prototypes, S slots per class.
+
+Total loss (official code, notes §2): CE + 0.8·cluster − 0.08·separation + 1.0·orthogonality + 1e-4·L1, with every
+term computed as the official code computes it:
+
+- cluster: for each image, the S prototypes most assigned to its class (by Σ_s A[y, p, s], detached); the smallest
+  of their min distances; mean over the batch;
+- separation: the same over the P − S prototypes least assigned to the class;
+- orthogonality: on the raw logits Θ, the cosine similarity of every pair of a class's slot vectors (length P),
+  diagonal included, summed over classes and pairs, / (C·S) − 1; computed as a Gram matrix per class (C, S, S)
+  instead of the official (C, P, S, S) broadcast;
+- L1: the absolute sum of the last-layer weights that connect a slot to a class it does not belong to.
+
+The official cluster/separation code masks with "max distance = D" and takes a max; the exact minimum is the same
+whenever distances are ≤ D (always, for latents in (0, 1)^D and prototypes in [0, 1]^D), and stays right beyond.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+__all__ = [
+    "LOSS_TERM_NAMES",
+    "LossWeights",
+    "cluster_loss",
+    "l1_off_class_loss",
+    "mixup_cross_entropy",
+    "orthogonality_loss",
+    "separation_loss",
+    "weighted_total",
+]
+
+LOSS_TERM_NAMES = ("cross_entropy", "cluster", "separation", "orthogonality", "l1")
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the loss terms; the separation term is subtracted."""
+
+    cross_entropy: float = 1.0
+    cluster: float = 0.8
+    separation: float = 0.08
+    orthogonality: float = 1.0
+    l1: float = 1e-4
+
+
+def _masked_min(min_distances: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean over the batch of the smallest `min_distances` among each row's top-k prototypes by `scores`."""
+    index = scores.topk(k, dim=1).indices  # (N, k)
+    return min_distances.gather(1, index).amin(dim=1).mean()
+
+
+def cluster_loss(min_distances: torch.Tensor, class_assignment: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Pull each image's closest patch towards one of the prototypes its class uses.
+
+    Args:
+        min_distances: `(N, P)` min squared distance of each prototype over the image.
+        class_assignment: `(N, P, S)` the assignment of each image's class, `A[labels]`.
+        num_slots: S, how many of the most-assigned prototypes count as the class's own.
+
+    Returns:
+        Scalar loss.
+    """
+    scores = class_assignment.sum(dim=-1).detach()  # (N, P)
+    return _masked_min(min_distances, scores, num_slots)
+
+
+def separation_loss(min_distances: torch.Tensor, class_assignment: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """The smallest distance to the P − S prototypes least used by each image's class (subtracted in the total).
+
+    Args:
+        min_distances: `(N, P)`.
+        class_assignment: `(N, P, S)` the assignment of each image's class, `A[labels]`.
+        num_slots: S.
+
+    Returns:
+        Scalar loss.
+    """
+    scores = (1 - class_assignment).sum(dim=-1).detach()  # (N, P)
+    return _masked_min(min_distances, scores, min_distances.shape[1] - num_slots)
+
+
+def orthogonality_loss(slot_logits: torch.Tensor) -> torch.Tensor:
+    """Mean summed cosine similarity between the slot logit vectors of each class, minus 1.
+
+    Args:
+        slot_logits: `(C, P, S)` raw assignment logits Θ.
+
+    Returns:
+        Scalar: Σ_c Σ_{i,j} cos(Θ[c, :, i], Θ[c, :, j]) / (C·S) − 1 (0 when every class's slots are orthogonal).
+    """
+    num_classes, _, num_slots = slot_logits.shape
+    unit = slot_logits / slot_logits.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    gram = torch.einsum("cpi,cpj->cij", unit, unit)  # (C, S, S)
+    return gram.sum() / (num_classes * num_slots) - 1
+
+
+def l1_off_class_loss(last_layer_weight: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """‖W ⊙ (1 − identity)‖₁ over the `(C, C·S)` last-layer weights: only connections to other classes' slots."""
+    num_classes = last_layer_weight.shape[0]
+    own = torch.arange(last_layer_weight.shape[1], device=last_layer_weight.device) // num_slots
+    off_class = own[None, :] != torch.arange(num_classes, device=last_layer_weight.device)[:, None]
+    return (last_layer_weight * off_class).abs().sum()
+
+
+def mixup_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, labels_b: torch.Tensor | None = None, lam: float = 1.0
+) -> torch.Tensor:
+    """Cross-entropy, optionally on mixup targets: λ·CE(logits, y_a) + (1 − λ)·CE(logits, y_b)."""
+    loss = F.cross_entropy(logits, labels)
+    if labels_b is None or lam == 1.0:
+        return loss
+    return lam * loss + (1 - lam) * F.cross_entropy(logits, labels_b)
+
+
+def weighted_total(terms: dict[str, torch.Tensor], weights: LossWeights) -> torch.Tensor:
+    """CE + w_clst·cluster − w_sep·separation + w_orth·orthogonality + w_l1·L1 over the terms present."""
+    signs = {"separation": -1.0}
+    total = None
+    for name, value in terms.items():
+        weight = getattr(weights, name)
+        if weight == 0:
+            continue
+        contribution = signs.get(name, 1.0) * weight * value
+        total = contribution if total is None else total + contribution
+    if total is None:
+        raise ValueError("All loss weights are zero: nothing to train. Set at least one weight > 0 in the config.")
+    return total

@@ -66,7 +66,9 @@ def feature_channels(model: nn.Module, feature_stage: int | None = None) -> int:
     return int(model.feature_info[_stage_index(model, feature_stage)]["num_chs"])
 
 
-def backbone_feature_map(model: nn.Module, pixel_values: torch.Tensor, feature_stage: int | None = None) -> torch.Tensor:
+def backbone_feature_map(
+    model: nn.Module, pixel_values: torch.Tensor, feature_stage: int | None = None
+) -> torch.Tensor:
     """Run the backbone and return its feature map as NCHW.
 
     Args:
@@ -118,7 +120,7 @@ def _tokens_to_map(model: nn.Module, tokens: torch.Tensor, image_hw: torch.Size)
     if patch is not None:
         height = image_hw[0] // patch[0]
     else:
-        height = int(round(tokens.shape[1] ** 0.5))
+        height = round(tokens.shape[1] ** 0.5)
     if height == 0 or tokens.shape[1] % height:
         raise ValueError(
             f"Cannot reshape {tokens.shape[1]} tokens of {type(model).__name__} to a grid for an input of "
@@ -132,7 +134,8 @@ def _probe_usage(probe: nn.Module, feature_stage: int | None, size: tuple[int, .
     params = dict(probe.named_parameters())
     called: set[str] = set()
     hooks = [
-        module.register_forward_pre_hook(lambda *_, name=name: called.add(name)) for name, module in probe.named_modules()
+        module.register_forward_pre_hook(lambda *_, name=name: called.add(name))
+        for name, module in probe.named_modules()
     ]
     try:
         features = backbone_feature_map(probe, torch.empty(1, *size, device="meta"), feature_stage)

@@ -211,7 +211,9 @@ class ProtoPoolConfig(PretrainedConfig):
         if self.input_size is not None and (
             len(self.input_size) != 3 or not all(isinstance(v, int) and v > 0 for v in self.input_size)
         ):
-            raise ValueError(f"`input_size` must be [channels, height, width] of positive ints, got {self.input_size}.")
+            raise ValueError(
+                f"`input_size` must be [channels, height, width] of positive ints, got {self.input_size}."
+            )
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
             if value is not None and (len(value) != 3 or not all(_is_real(v) for v in value)):

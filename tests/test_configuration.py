@@ -1,0 +1,82 @@
+import json
+
+import pytest
+
+from protopool_hf import PRESETS, ProtoPoolConfig
+
+
+TINY = {"backbone": "test_resnet", "num_labels": 3, "num_prototypes": 6, "num_slots_per_class": 2, "prototype_dim": 8}
+
+
+def test_defaults_follow_the_official_code():
+    config = ProtoPoolConfig(**TINY)
+    assert config.similarity_epsilon == 1e-4
+    assert config.gumbel_tau == 0.5
+    assert (config.gumbel_scale_max, config.gumbel_scale_epochs) == (1000.0, 30)
+    assert (config.cluster_weight, config.separation_weight) == (0.8, 0.08)
+    assert (config.orthogonality_weight, config.l1_weight) == (1.0, 1e-4)
+    assert config.model_type == "protopool"
+
+
+def test_presets_give_the_paper_settings():
+    cub = ProtoPoolConfig.from_preset("cub200")
+    assert (cub.num_labels, cub.num_prototypes, cub.num_slots_per_class, cub.prototype_dim) == (200, 202, 10, 256)
+    assert cub.backbone == "resnet50"
+    cars = ProtoPoolConfig.from_preset("cars196", backbone="resnet18")
+    assert (cars.num_labels, cars.num_prototypes, cars.prototype_dim, cars.backbone) == (196, 195, 128, "resnet18")
+    assert ProtoPoolConfig.from_preset("cars196").backbone == "resnet50.tv_in1k"
+    assert set(PRESETS) == {"cub200", "cars196"}
+    with pytest.raises(ValueError, match="Unknown preset 'cub'"):
+        ProtoPoolConfig.from_preset("cub")
+
+
+def test_round_trip_through_json(tmp_path):
+    config = ProtoPoolConfig(**TINY, id2label={0: "cat", 1: "dog", 2: "eel"}, feature_stage=2)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["protopool_version"] == config.protopool_version
+    loaded = ProtoPoolConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+    assert loaded.id2label == {0: "cat", 1: "dog", 2: "eel"}
+
+
+def test_data_config_is_taken_from_timm_when_unset():
+    data = ProtoPoolConfig(**TINY).data_config()
+    assert data["input_size"] == (3, 160, 160)
+    assert data["mean"] == (0.5, 0.5, 0.5)
+    data = ProtoPoolConfig(**TINY, input_size=[3, 64, 64], crop_pct=1.0, interpolation="bicubic").data_config()
+    assert (data["input_size"], data["crop_pct"], data["interpolation"]) == ((3, 64, 64), 1.0, "bicubic")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("num_prototypes", 0, "`num_prototypes` must be a positive int"),
+        ("num_prototypes", -4, "`num_prototypes` must be a positive int"),
+        ("num_slots_per_class", "ten", "`num_slots_per_class` must be a positive int"),
+        ("prototype_dim", 2.5, "`prototype_dim` must be a positive int"),
+        ("num_prototypes", 2, r"`num_prototypes` \(2\) must be larger than `num_slots_per_class` \(2\)"),
+        ("similarity_epsilon", 0.0, "`similarity_epsilon` must be a finite number > 0"),
+        ("gumbel_tau", -1.0, "`gumbel_tau` must be a finite number > 0"),
+        ("cluster_weight", -0.1, "`cluster_weight` must be a finite number >= 0"),
+        ("l1_weight", float("nan"), "`l1_weight` must be a finite number >= 0"),
+        ("backbone_pretrained", "yes", "`backbone_pretrained` must be a bool"),
+        ("feature_stage", "last", "`feature_stage` must be None or an int"),
+        ("input_size", [224, 224], r"`input_size` must be \[channels, height, width\]"),
+        ("image_std", [0.5, 0.0, 0.5], "`image_std` must be > 0"),
+        ("interpolation", "cubic", "`interpolation` must be one of"),
+        ("crop_pct", 1.5, r"`crop_pct` must be in \(0, 1\]"),
+    ],
+)
+def test_bad_values_name_the_field_and_the_range(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        ProtoPoolConfig(**{**TINY, field: value})
+
+
+def test_unknown_backbone_suggests_close_timm_names():
+    with pytest.raises(ValueError, match=r"`backbone`='resnet05' is not a timm model.*Did you mean.*resnet50"):
+        ProtoPoolConfig(**{**TINY, "backbone": "resnet05"})
+
+
+def test_pretrained_tag_is_accepted():
+    assert ProtoPoolConfig(**{**TINY, "backbone": "resnet50.tv_in1k"}).backbone == "resnet50.tv_in1k"

@@ -1,0 +1,283 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification, pipeline
+
+from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification, ProtoPoolOutput
+
+
+TINY = {"num_labels": 3, "num_prototypes": 6, "num_slots_per_class": 2, "prototype_dim": 8}
+TEST_BACKBONES = timm.list_models("test_*")
+
+
+def tiny_model(backbone="test_resnet", **overrides):
+    torch.manual_seed(0)
+    return ProtoPoolForImageClassification(ProtoPoolConfig(backbone=backbone, **{**TINY, **overrides}))
+
+
+def test_every_timm_test_model_is_covered():
+    assert len(TEST_BACKBONES) == 18
+    assert {"test_mambaout", "test_vit", "test_vit_relpos", "test_convnext"} <= set(TEST_BACKBONES)
+
+
+@pytest.mark.parametrize("backbone", TEST_BACKBONES)
+def test_any_timm_backbone_trains_saves_and_reloads(backbone, tmp_path):
+    model = tiny_model(backbone, backbone_kwargs={"drop_path_rate": 0.1} if "vit" in backbone else None)
+    size = model.config.input_size
+    x = torch.randn(2, *size)
+    out = model(x, labels=torch.tensor([0, 2]))
+    assert out.logits.shape == (2, 3) and out.min_distances.shape == (2, 6) and out.slot_assignment.shape == (3, 6, 2)
+    out.loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"no gradient for {missing}"
+    model.eval()
+    with torch.no_grad():
+        expected = model(x).logits
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_feature_map_is_nchw_for_nhwc_and_token_backbones():
+    for backbone, channels in (("test_mambaout", 64), ("test_vit", 64)):
+        model = tiny_model(backbone).eval()
+        features = model.feature_map(torch.randn(1, *model.config.input_size))
+        assert features.shape[:2] == (1, channels) and features.shape[2] == features.shape[3] > 1
+
+
+def test_unused_backbone_modules_are_removed():
+    model = tiny_model("test_convnext")
+    assert isinstance(model.backbone.head, torch.nn.Identity)  # the head norm is never used by forward_features
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_earlier_feature_stage_gives_a_larger_map_and_drops_later_stages():
+    last = tiny_model("test_convnext", input_size=[3, 64, 64])
+    early = tiny_model("test_convnext", input_size=[3, 64, 64], feature_stage=1)
+    x = torch.randn(2, 3, 64, 64)
+    assert last.feature_map(x).shape[-1] == 2 and early.feature_map(x).shape[-1] == 8
+    assert sum(p.numel() for p in early.backbone.parameters()) < sum(p.numel() for p in last.backbone.parameters())
+    early(x, labels=torch.tensor([0, 1])).loss.backward()
+    assert all(p.grad is not None for p in early.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="`feature_stage`=7 is out of range for this backbone, which has 4 stages"):
+        tiny_model("test_convnext", feature_stage=7)
+
+
+def test_batch_size_one():
+    model = tiny_model().eval()
+    out = model(torch.randn(1, 3, 160, 160), labels=torch.tensor([1]))
+    assert out.logits.shape == (1, 3) and out.min_distances.shape == (1, 6) and torch.isfinite(out.loss)
+
+
+def test_output_and_loss_terms():
+    model = tiny_model().train()
+    out = model(torch.randn(2, 3, 160, 160), labels=torch.tensor([0, 1]))
+    assert isinstance(out, ProtoPoolOutput)
+    assert set(out.loss_terms) == {"cross_entropy", "cluster", "separation", "orthogonality", "l1"}
+    terms = out.loss_terms
+    expected = (
+        terms["cross_entropy"]
+        + 0.8 * terms["cluster"]
+        - 0.08 * terms["separation"]
+        + terms["orthogonality"]
+        + 1e-4 * terms["l1"]
+    )
+    torch.testing.assert_close(out.loss, expected)
+    assert terms["l1"].item() == 0.0  # off-class weights start at 0
+    assert model.config.keys_to_ignore_at_inference == [
+        "min_distances",
+        "slot_assignment",
+        "loss_terms",
+        "similarities",
+    ]
+
+
+def test_labels_out_of_range_are_refused_with_a_clear_message():
+    model = tiny_model()
+    x = torch.randn(2, 3, 160, 160)
+    with pytest.raises(ValueError, match=r"`labels` holds \[3\], outside \[0, 3\)"):
+        model(x, labels=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"`labels` holds \[-1\]"):
+        model(x, labels=torch.tensor([-1, 0]))
+
+
+def test_eval_is_deterministic_softmax_and_scale_one_is_the_plain_softmax_path():
+    model = tiny_model().eval()
+    model.set_gumbel_scale(1.0)
+    torch.testing.assert_close(model.slot_assignment(), torch.softmax(model.head.slot_logits, dim=1))
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).slot_assignment, torch.softmax(model.head.slot_logits, dim=1))
+        torch.testing.assert_close(model(x).logits, model(x).logits)
+    with pytest.raises(ValueError, match="The Gumbel scale must be > 0"):
+        model.set_gumbel_scale(0.0)
+
+
+def test_gumbel_scale_and_hard_assignment_are_saved(tmp_path):
+    model = tiny_model()
+    assert model.gumbel_scale == 1.0 and not model.is_assignment_hard
+    model.set_gumbel_scale(577.35)
+    model.harden_assignment()
+    out = model.train()(torch.randn(1, 3, 160, 160))
+    hard = torch.nn.functional.one_hot(model.head.slot_logits.argmax(1), 6).permute(0, 2, 1).float()
+    assert torch.equal(out.slot_assignment, hard)  # hard in every mode, logits kept
+    model.save_pretrained(tmp_path)
+    reloaded = ProtoPoolForImageClassification.from_pretrained(tmp_path)
+    assert reloaded.gumbel_scale == pytest.approx(577.35) and reloaded.is_assignment_hard
+    assert torch.equal(reloaded.class_to_prototypes(), model.class_to_prototypes())
+
+
+def test_head_initialisation_follows_the_official_code():
+    model = tiny_model()
+    weight = model.head.last_layer.weight
+    assert weight.shape == (3, 6) and weight.sum() == 6 and torch.equal(weight[1, 2:4], torch.ones(2))
+    assert model.head.last_layer.bias is None
+    assert model.head.prototypes.shape == (6, 8) and model.head.prototypes.min() >= 0
+
+
+def test_post_init_keeps_timm_initialisation():
+    torch.manual_seed(0)
+    native = timm.create_model("test_resnet", num_classes=0)
+    model = tiny_model()
+    # transformers' default init would give every conv std 0.02; timm's own gives a fan-based std.
+    stds = [m.weight.std().item() for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    native_stds = [m.weight.std().item() for m in native.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert stds == pytest.approx(native_stds, rel=0.3)
+    assert not any(abs(s - 0.02) < 1e-3 for s in stds)
+
+
+def test_pretrained_backbone_weights_from_a_local_file_survive_construction(tmp_path):
+    torch.manual_seed(1)
+    source = timm.create_model("test_resnet", num_classes=0)
+    weights = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), weights)
+    config = ProtoPoolConfig(
+        backbone="test_resnet",
+        backbone_pretrained=True,
+        backbone_kwargs={"pretrained_cfg_overlay": {"file": str(weights)}},
+        **TINY,
+    )
+    model = ProtoPoolForImageClassification(config)
+    for name, tensor in source.state_dict().items():
+        torch.testing.assert_close(model.backbone.state_dict()[name], tensor, msg=name)
+    model.save_pretrained(tmp_path / "saved")
+    weights.unlink()  # from_pretrained must not look for (or download) the pretrained weights again
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "saved")
+    torch.testing.assert_close(reloaded.backbone.conv1[0].weight, source.conv1[0].weight)
+
+
+def test_non_persistent_timm_buffers_are_restored(tmp_path):
+    model = tiny_model("test_vit_relpos").eval()
+    model.save_pretrained(tmp_path)
+    reloaded = ProtoPoolForImageClassification.from_pretrained(tmp_path).eval()
+    for (name, buffer), (_, expected) in zip(
+        reloaded.backbone.named_buffers(), model.backbone.named_buffers(), strict=True
+    ):
+        assert torch.equal(buffer, expected), name
+
+
+def test_saved_folder_is_safetensors_with_code_auto_map_and_preprocessor(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= files
+    assert {"configuration_protopool.py", "modeling_protopool.py", "layers.py", "losses.py", "backbone.py"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageClassification"}
+    assert config["input_size"] == [3, 160, 160] and config["image_mean"] == [0.5, 0.5, 0.5]
+    assert isinstance(AutoModel.from_pretrained(tmp_path), ProtoPoolForImageClassification)
+
+
+def test_remote_code_loads_in_a_fresh_process_without_the_package(tmp_path):
+    model = tiny_model().eval()
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        np.save(tmp_path / "expected.npy", model(x).logits.numpy())
+    np.save(tmp_path / "x.npy", x.numpy())
+    model.save_pretrained(tmp_path / "model")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["protopool_hf"] = None  # the package is not importable in this process
+        import numpy as np, torch
+        from transformers import AutoModel, AutoModelForImageClassification
+        try:
+            import protopool_hf
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("protopool_hf should not be importable here")
+        folder = r"{tmp_path / "model"}"
+        x = torch.from_numpy(np.load(r"{tmp_path / "x.npy"}"))
+        expected = np.load(r"{tmp_path / "expected.npy"}")
+        for auto in (AutoModelForImageClassification, AutoModel):
+            model = auto.from_pretrained(folder, trust_remote_code=True).eval()
+            assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+            with torch.no_grad():
+                np.testing.assert_allclose(model(x).logits.numpy(), expected, atol=1e-6)
+        print("REMOTE-OK")
+        """
+    )
+    env_home = tmp_path / "hf"
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(env_home), "PATH": "/usr/bin:/bin"},
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_image_processor_equals_timm_eval_transform(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (300, 200, 3), dtype=np.uint8))
+    ours = processor(image, return_tensors="pt")["pixel_values"]
+    transform = timm.data.create_transform(**model.config.data_config(), is_training=False)
+    torch.testing.assert_close(ours, transform(image)[None], atol=1e-5, rtol=0)
+
+
+def test_pipeline_returns_the_model_labels(tmp_path):
+    model = tiny_model(id2label={0: "cat", 1: "dog", 2: "eel"}, label2id={"cat": 0, "dog": 1, "eel": 2})
+    model.save_pretrained(tmp_path)
+    classify = pipeline("image-classification", model=str(tmp_path))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (180, 180, 3), dtype=np.uint8))
+    predictions = classify(image, top_k=3)
+    assert {p["label"] for p in predictions} == {"cat", "dog", "eel"}
+    assert sum(p["score"] for p in predictions) == pytest.approx(1.0, abs=1e-4)
+    model.eval()
+    with torch.no_grad():
+        logits = model(AutoImageProcessor.from_pretrained(tmp_path)(image, return_tensors="pt")["pixel_values"]).logits
+    assert predictions[0]["label"] == model.config.id2label[int(logits.argmax())]
+
+
+def test_bf16_autocast_logits_match_float32():
+    model = tiny_model().eval()
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        reference = model(x).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(x)
+    assert mixed.logits.dtype == torch.float32 and mixed.min_distances.dtype == torch.float32
+    torch.testing.assert_close(mixed.logits, reference, atol=1e-2, rtol=0)
+
+
+def test_activation_checkpointing_runs():
+    model = tiny_model("test_convnext").train()
+    model.activation_checkpointing_enable()
+    assert all(stage.grad_checkpointing for stage in model.backbone.stages)
+    model(torch.randn(2, 3, 160, 160), labels=torch.tensor([0, 1])).loss.backward()
+    assert model.head.prototypes.grad is not None

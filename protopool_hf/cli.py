@@ -1,0 +1,315 @@
+"""The `protopool-hf` command line: train | project | explain | push | convert.
+
+Heavy libraries (torch, timm, transformers) are imported inside the subcommands, so `protopool-hf --help` answers at
+once. Every subcommand is a function `cmd_<name>(args) -> int`; `main(argv)` parses and dispatches.
+
+Examples:
+    protopool-hf train --dataset fashion-mnist --backbone resnet18 --output-dir runs/fmnist
+    accelerate launch --num_processes 2 -m protopool_hf.cli train --preset cub200 --dataset cub200 --data-root CUB_200_2011 --output-dir runs/cub
+    protopool-hf explain runs/fmnist image.png --out explanation.png
+    protopool-hf push runs/fmnist my-org/protopool-fmnist
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+__all__ = ["build_parser", "main"]
+
+DATASETS = ("fashion-mnist", "cub200", "cars196", "folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="protopool-hf", description="ProtoPool interpretable image classifiers on timm backbones."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="run the whole recipe: warm-up, joint, projection, fine-tuning")
+    _add_data_arguments(train)
+    model = train.add_argument_group("model")
+    model.add_argument("--preset", choices=("cub200", "cars196"), help="the paper's sizes and backbone")
+    model.add_argument("--backbone", help="timm model name (default: the preset's, else resnet50)")
+    model.add_argument("--pretrained", action="store_true", help="start from timm's pretrained backbone weights")
+    model.add_argument("--weights-file", type=Path, help="local pretrained backbone weights for timm (offline)")
+    model.add_argument("--num-prototypes", type=int, help="P, the prototype pool size")
+    model.add_argument("--num-slots", type=int, help="S, slots per class")
+    model.add_argument("--prototype-dim", type=int, help="D, prototype depth")
+    model.add_argument("--feature-stage", type=int, help="use this backbone stage instead of the last map")
+    model.add_argument("--image-size", type=int, help="square input size in pixels (default: timm's)")
+    recipe = train.add_argument_group("recipe (defaults: the official code's)")
+    recipe.add_argument("--warmup-epochs", type=int, default=9)
+    recipe.add_argument("--joint-epochs", type=int, default=21)
+    recipe.add_argument("--finetune-epochs", type=int, default=25)
+    recipe.add_argument("--lr", type=float, default=1e-3, help="base learning rate (head 3·lr, backbone lr/10)")
+    recipe.add_argument("--batch-size", type=int, default=80, help="per-device batch size")
+    recipe.add_argument("--mixup-alpha", type=float, default=0.5, help="0 turns mixup off")
+    recipe.add_argument("--gumbel-per-step", action="store_true", help="update the Gumbel scale every step")
+    recipe.add_argument("--augment", choices=("timm", "official"), default="timm", help="training augmentation")
+    recipe.add_argument("--val-fraction", type=float, default=0.1, help="validation split carved from training data")
+    recipe.add_argument("--seed", type=int, default=0)
+    recipe.add_argument("--num-workers", type=int, default=0)
+    recipe.add_argument("--bf16", action="store_true", help="bf16 autocast (distances stay float32)")
+    recipe.add_argument("--cpu", action="store_true", help="train on the CPU even with a GPU")
+    train.add_argument("--output-dir", type=Path, required=True)
+    train.add_argument(
+        "--resume-from-checkpoint",
+        nargs="?",
+        const=True,
+        default=None,
+        help="continue the run in --output-dir (or from this phase checkpoint path)",
+    )
+
+    project = commands.add_parser("project", help="project a model's prototypes onto a dataset's training images")
+    project.add_argument("model", help="model folder or Hub repo id")
+    _add_data_arguments(project)
+    project.add_argument("--output-dir", type=Path, required=True, help="folder for the projected model")
+    project.add_argument("--batch-size", type=int, default=64)
+
+    explain = commands.add_parser("explain", help="explain one image as a 'this looks like that' picture")
+    explain.add_argument("model", help="model folder or Hub repo id")
+    explain.add_argument("image", type=Path)
+    explain.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    explain.add_argument("--top-k", type=int, default=3, help="classes to list")
+    explain.add_argument("--class-id", type=int, help="explain this class instead of the predicted one")
+    explain.add_argument("--json", action="store_true", help="also print the explanation as JSON")
+
+    push = commands.add_parser("push", help="push a model folder to the Hub in one commit, with pictures and card")
+    push.add_argument("folder", type=Path)
+    push.add_argument("repo_id")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--revision")
+    push.add_argument("--commit-message", default="Upload ProtoPool model")
+
+    convert = commands.add_parser("convert", help="convert a checkpoint of the official ProtoPool code")
+    convert.add_argument("checkpoint", type=Path, help="official best_model.pth / best_model_push.pth")
+    convert.add_argument("output_dir", type=Path, help="folder for the converted model")
+    convert.add_argument("--backbone", default="resnet50", help="timm name of the official --arch (also for --inat)")
+    convert.add_argument("--labels", type=Path, help="text file with one class name per line, in training order")
+    convert.add_argument("--gumbel-scale", type=float, default=1e4, help="assignment scale (official final: 1e4)")
+    return parser
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", choices=DATASETS, required=True, help="which loader")
+    group.add_argument(
+        "--data-root",
+        type=Path,
+        help="dataset folder (fashion-mnist: the idx files, default Debian's; folder: with train/ and test/ or classes)",
+    )
+    group.add_argument("--limit", type=int, help="use only the first N training images (quick runs)")
+
+
+# ---------------------------------------------------------------------------- data
+def load_splits(dataset: str, root: Path | None, limit: int | None = None) -> tuple[Any, Any | None]:
+    """The raw training split and the test split (None when the dataset has none) of a named dataset."""
+    from . import data
+
+    if dataset == "fashion-mnist":
+        train, test = data.load_fashion_mnist(root, "train", limit), data.load_fashion_mnist(root, "test")
+        return train, test
+    if root is None:
+        raise ValueError(f"--dataset {dataset} needs --data-root: the folder of the dataset.")
+    if dataset == "cub200":
+        train, test = data.load_cub200(root, "train"), data.load_cub200(root, "test")
+    elif dataset == "cars196":
+        train, test = data.load_stanford_cars(root, "train"), data.load_stanford_cars(root, "test")
+    elif (root / "train").is_dir():
+        train = data.load_image_folder(root / "train")
+        test = data.load_image_folder(root / "test") if (root / "test").is_dir() else None
+    else:
+        train, test = data.load_image_folder(root), None
+    if limit is not None:
+        train = train.select(range(min(limit, len(train))))
+    return train, test
+
+
+def _labels(dataset: Any) -> list[str]:
+    return list(dataset.features["label"].names)
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    """`protopool-hf train`."""
+    from .configuration_protopool import ProtoPoolConfig
+    from .data import collate_fn, make_transforms
+    from .hub import save_model_folder
+    from .modeling_protopool import ProtoPoolForImageClassification
+    from .training import (
+        ProtoPoolRecipe,
+        ProtoPoolTrainer,
+        compute_accuracy,
+        finish_distributed,
+        split_train_validation,
+        train_protopool,
+    )
+
+    raw_train, raw_test = load_splits(args.dataset, args.data_root, args.limit)
+    names = _labels(raw_train)
+    overrides: dict[str, Any] = {
+        "id2label": dict(enumerate(names)),
+        "label2id": {name: i for i, name in enumerate(names)},
+        "backbone_pretrained": args.pretrained or args.weights_file is not None,
+    }
+    for field, value in (
+        ("backbone", args.backbone),
+        ("num_prototypes", args.num_prototypes),
+        ("num_slots_per_class", args.num_slots),
+        ("prototype_dim", args.prototype_dim),
+        ("feature_stage", args.feature_stage),
+    ):
+        if value is not None:
+            overrides[field] = value
+    if args.image_size is not None:
+        overrides["input_size"] = [3, args.image_size, args.image_size]
+    if args.weights_file is not None:
+        if not args.weights_file.is_file():
+            raise FileNotFoundError(f"--weights-file {str(args.weights_file)!r} does not exist.")
+        overrides["backbone_kwargs"] = {"pretrained_cfg_overlay": {"file": str(args.weights_file.absolute())}}
+    config = ProtoPoolConfig.from_preset(args.preset, **overrides) if args.preset else ProtoPoolConfig(**overrides)
+    model = ProtoPoolForImageClassification(config)
+
+    train, val = split_train_validation(raw_train, args.val_fraction, args.seed)
+    recipe = ProtoPoolRecipe(
+        output_dir=str(args.output_dir),
+        warmup_epochs=args.warmup_epochs,
+        joint_epochs=args.joint_epochs,
+        finetune_epochs=args.finetune_epochs,
+        learning_rate=args.lr,
+        train_batch_size=args.batch_size,
+        eval_batch_size=args.batch_size,
+        projection_batch_size=args.batch_size,
+        mixup_alpha=args.mixup_alpha,
+        gumbel_per_step=args.gumbel_per_step,
+        seed=args.seed,
+        num_workers=args.num_workers,
+        use_cpu=args.cpu,
+        bf16=args.bf16,
+    )
+    eval_transform = make_transforms(config, train=False)
+    result = train_protopool(
+        model,
+        train.with_transform(make_transforms(config, train=True, recipe=args.augment, seed=args.seed)),
+        val.with_transform(eval_transform) if len(val) else None,
+        train.with_transform(eval_transform),
+        recipe,
+        data_collator=collate_fn,
+        resume_from_checkpoint=args.resume_from_checkpoint,
+    )
+    metrics: dict[str, Any] = {f"validation_{k}": v for k, v in result.metrics.get("finetune", {}).items()}
+    if raw_test is not None:
+        evaluator = ProtoPoolTrainer(
+            model=result.model,
+            args=recipe.training_arguments("finetune"),
+            data_collator=collate_fn,
+            compute_metrics=compute_accuracy,
+        )
+        metrics.update(evaluator.evaluate(raw_test.with_transform(eval_transform), metric_key_prefix="test"))
+    if _is_main_process():
+        save_model_folder(
+            result.model, args.output_dir, dataset=raw_train, metrics=metrics, training_args=recipe.to_dict()
+        )
+        print(json.dumps(metrics, indent=2, sort_keys=True))
+        print(f"Projected model, prototype pictures and model card in {args.output_dir}")
+    finish_distributed()
+    return 0
+
+
+def cmd_project(args: argparse.Namespace) -> int:
+    """`protopool-hf project`."""
+    from .data import dataset_name, make_transforms
+    from .hub import save_model_folder
+    from .modeling_protopool import ProtoPoolForImageClassification
+    from .projection import project_prototypes
+
+    model = ProtoPoolForImageClassification.from_pretrained(args.model)
+    raw_train, _ = load_splits(args.dataset, args.data_root, args.limit)
+    if _labels(raw_train) != [model.config.id2label[i] for i in range(model.config.num_labels)]:
+        raise ValueError(
+            f"The dataset's classes ({len(_labels(raw_train))}) differ from the model's id2label "
+            f"({model.config.num_labels}): project on the dataset the model was trained on."
+        )
+    data = raw_train.with_transform(make_transforms(model.config, train=False))
+    result = project_prototypes(model, data, batch_size=args.batch_size, dataset_name=dataset_name(raw_train))
+    print(result.summary())
+    save_model_folder(model, args.output_dir, dataset=raw_train)
+    print(f"Projected model and prototype pictures in {args.output_dir}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """`protopool-hf explain`."""
+    from transformers import AutoModelForImageClassification
+
+    from .explain import explain
+
+    if not args.image.is_file():
+        raise FileNotFoundError(f"Image {str(args.image)!r} does not exist.")
+    model = AutoModelForImageClassification.from_pretrained(args.model).eval()
+    explanation = explain(model, args.image, top_k=args.top_k, class_id=args.class_id)
+    pictures = Path(args.model) / "prototypes"
+    explanation.save(args.out, prototype_images=pictures if pictures.is_dir() else None)
+    top = ", ".join(f"{name} {prob:.1%}" for name, prob in explanation.top_classes())
+    print(f"{args.image}: {top}")
+    if args.json:
+        print(json.dumps(explanation.to_dict(), indent=2))
+    print(f"Explanation written to {args.out}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """`protopool-hf push`."""
+    from .hub import push_to_hub
+
+    if not (args.folder / "config.json").is_file():
+        raise FileNotFoundError(f"{args.folder} holds no config.json: pass a folder written by save_pretrained.")
+    info = push_to_hub(
+        args.folder,
+        args.repo_id,
+        private=args.private or None,
+        revision=args.revision,
+        commit_message=args.commit_message,
+    )
+    print(f"Pushed {args.folder} to {info.commit_url}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """`protopool-hf convert`."""
+    from .convert import convert_main
+
+    return convert_main(args)
+
+
+def _is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "project": cmd_project,
+    "explain": cmd_explain,
+    "push": cmd_push,
+    "convert": cmd_convert,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (errors are printed as one line, status 2)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, OSError) as error:
+        print(f"protopool-hf {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,8 +12,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import pytest  # noqa: E402
-from hub_server import HubServer  # noqa: E402
+import pytest
+from hub_server import HubServer
 
 
 # ---- slow tests are opt-in: `pytest --run-slow` or RUN_SLOW=1 ----------------------------------------------------------

@@ -254,7 +254,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     explanation = explain(model, args.image, top_k=args.top_k, class_id=args.class_id)
     pictures = Path(args.model) / "prototypes"
     explanation.save(args.out, prototype_images=pictures if pictures.is_dir() else None)
-    top = ", ".join(f"{name} {prob:.1%}" for name, prob in explanation.top_classes())
+    top = ", ".join(f"{label} {probability:.1%}" for _, label, probability in explanation.top_classes)
     print(f"{args.image}: {top}")
     if args.json:
         print(json.dumps(explanation.to_dict(), indent=2))

@@ -9,6 +9,7 @@ schedule constant lives here, and is checked here.
 
 import difflib
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -31,6 +32,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "image_std": [0.229, 0.224, 0.225],
         "interpolation": "bilinear",
         "crop_pct": 1.0,
+        "crop_mode": "squash",
     },
     "cars196": {
         "backbone": "resnet50.tv_in1k",
@@ -43,6 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "image_std": [0.229, 0.224, 0.225],
         "interpolation": "bilinear",
         "crop_pct": 1.0,
+        "crop_mode": "squash",
     },
 }
 
@@ -50,6 +53,7 @@ _POSITIVE_INTS = ("num_prototypes", "num_slots_per_class", "prototype_dim", "gum
 _POSITIVE_FLOATS = ("similarity_epsilon", "gumbel_tau", "gumbel_scale_max")
 _NON_NEGATIVE_FLOATS = ("cluster_weight", "separation_weight", "orthogonality_weight", "l1_weight")
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+_CROP_MODES = ("center", "squash")
 
 
 class ProtoPoolConfig(PretrainedConfig):
@@ -86,7 +90,9 @@ class ProtoPoolConfig(PretrainedConfig):
         image_mean (`list[float]`, *optional*): normalisation mean; `None` takes timm's.
         image_std (`list[float]`, *optional*): normalisation std; `None` takes timm's.
         interpolation (`str`, *optional*): resize interpolation; `None` takes timm's.
-        crop_pct (`float`, *optional*): eval centre-crop fraction; `None` takes timm's; 1.0 resizes without crop.
+        crop_pct (`float`, *optional*): eval crop fraction (resize to H / crop_pct, then crop H); `None` takes timm's.
+        crop_mode (`str`, *optional*): `"center"` resizes the shorter side and crops the centre (timm's default);
+            `"squash"` resizes to H × W without keeping the aspect ratio, as the official code; `None` takes timm's.
         projection_dataset (`str`, *optional*): name or fingerprint of the dataset the prototypes were projected on.
         projection_input_size (`list[int]`, *optional*): input size used during that projection.
         protopool_version (`str`, *optional*): the protopool-hf version that wrote this config (set automatically).
@@ -128,6 +134,7 @@ class ProtoPoolConfig(PretrainedConfig):
         image_std: list[float] | None = None,
         interpolation: str | None = None,
         crop_pct: float | None = None,
+        crop_mode: str | None = None,
         projection_dataset: str | None = None,
         projection_input_size: list[int] | None = None,
         protopool_version: str | None = None,
@@ -135,6 +142,10 @@ class ProtoPoolConfig(PretrainedConfig):
     ) -> None:
         self.backbone = backbone
         self.backbone_pretrained = backbone_pretrained
+        if backbone_kwargs is not None and not isinstance(backbone_kwargs, Mapping):
+            raise ValueError(
+                f"`backbone_kwargs` must be a dict of timm.create_model arguments or None, got {backbone_kwargs!r}."
+            )
         self.backbone_kwargs = dict(backbone_kwargs) if backbone_kwargs else {}
         self.feature_stage = feature_stage
         self.num_prototypes = num_prototypes
@@ -148,14 +159,16 @@ class ProtoPoolConfig(PretrainedConfig):
         self.separation_weight = separation_weight
         self.orthogonality_weight = orthogonality_weight
         self.l1_weight = l1_weight
-        self.input_size = list(input_size) if input_size is not None else None
-        self.image_mean = list(image_mean) if image_mean is not None else None
-        self.image_std = list(image_std) if image_std is not None else None
+        self.input_size = _as_list("input_size", input_size)
+        self.image_mean = _as_list("image_mean", image_mean)
+        self.image_std = _as_list("image_std", image_std)
         self.interpolation = interpolation
         self.crop_pct = crop_pct
+        self.crop_mode = crop_mode
         self.projection_dataset = projection_dataset
-        self.projection_input_size = list(projection_input_size) if projection_input_size is not None else None
+        self.projection_input_size = _as_list("projection_input_size", projection_input_size)
         self.protopool_version = protopool_version or __version__
+        _check_label_arguments(kwargs)
         super().__init__(**kwargs)
         self.validate_protopool()
 
@@ -216,14 +229,16 @@ class ProtoPoolConfig(PretrainedConfig):
             )
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
-            if value is not None and (len(value) != 3 or not all(_is_real(v) for v in value)):
-                raise ValueError(f"`{name}` must be three numbers (one per RGB channel), got {value!r}.")
+            if value is not None and (len(value) != 3 or not all(_is_real(v) and math.isfinite(v) for v in value)):
+                raise ValueError(f"`{name}` must be three finite numbers (one per RGB channel), got {value!r}.")
         if self.image_std is not None and not all(v > 0 for v in self.image_std):
             raise ValueError(f"`image_std` must be > 0 for every channel, got {self.image_std!r}.")
         if self.interpolation is not None and self.interpolation not in _INTERPOLATIONS:
             raise ValueError(f"`interpolation` must be one of {_INTERPOLATIONS}, got {self.interpolation!r}.")
         if self.crop_pct is not None and (not _is_real(self.crop_pct) or not 0 < self.crop_pct <= 1):
             raise ValueError(f"`crop_pct` must be in (0, 1], got {self.crop_pct!r}.")
+        if self.crop_mode is not None and self.crop_mode not in _CROP_MODES:
+            raise ValueError(f"`crop_mode` must be one of {_CROP_MODES}, got {self.crop_mode!r}.")
         if getattr(self, "num_labels", 2) < 1:
             raise ValueError(f"`num_labels` must be >= 1, got {self.num_labels}.")
 
@@ -234,18 +249,19 @@ class ProtoPoolConfig(PretrainedConfig):
         architecture = self.backbone.split(".", 1)[0]
         if timm.is_model(architecture):
             return
-        close = difflib.get_close_matches(architecture, timm.list_models(), n=5, cutoff=0.6)
+        close = difflib.get_close_matches(architecture.lower(), timm.list_models(), n=5, cutoff=0.6)
         hint = f" Did you mean one of {close}?" if close else " See `timm.list_models()` for the names."
         raise ValueError(f"`backbone`={self.backbone!r} is not a timm model (timm {timm.__version__}).{hint}")
 
     # ------------------------------------------------------------------ preprocessing
     def data_config(self) -> dict[str, Any]:
-        """The preprocessing as a timm data config: `input_size`, `mean`, `std`, `interpolation`, `crop_pct`.
+        """The preprocessing as a timm data config: `input_size`, `mean`, `std`, `interpolation`, `crop_pct`, `crop_mode`.
 
         Fields left `None` in this config are filled from timm's pretrained config of the backbone.
         """
         resolved = {}
-        if None in (self.input_size, self.image_mean, self.image_std, self.interpolation, self.crop_pct):
+        fields = (self.input_size, self.image_mean, self.image_std, self.interpolation, self.crop_pct, self.crop_mode)
+        if None in fields:
             import timm
             from timm.data import resolve_data_config
 
@@ -258,12 +274,38 @@ class ProtoPoolConfig(PretrainedConfig):
             "std": tuple(self.image_std) if self.image_std is not None else tuple(resolved["std"]),
             "interpolation": self.interpolation or resolved["interpolation"],
             "crop_pct": float(self.crop_pct) if self.crop_pct is not None else float(resolved["crop_pct"]),
+            "crop_mode": self.crop_mode
+            or (resolved["crop_mode"] if resolved["crop_mode"] in _CROP_MODES else "center"),
         }
 
     @property
     def slot_count(self) -> int:
         """C·S, the number of inputs of the last layer."""
         return self.num_labels * self.num_slots_per_class
+
+
+def _as_list(name: str, value: Any) -> list | None:
+    """`list(value)`, or None; a `ValueError` naming the field when the value is not a sequence."""
+    if value is None:
+        return None
+    if isinstance(value, str | bytes | Mapping):
+        raise ValueError(f"`{name}` must be a list of numbers or None, got {value!r}.")
+    try:
+        return list(value)
+    except TypeError:
+        raise ValueError(f"`{name}` must be a list of numbers or None, got {value!r}.") from None
+
+
+def _check_label_arguments(kwargs: dict[str, Any]) -> None:
+    """Check `num_labels`, `id2label` and `label2id` before `PretrainedConfig` reads them (it raises TypeError)."""
+    if "num_labels" in kwargs:
+        value = kwargs["num_labels"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`num_labels` must be a positive int (>= 1), got {value!r}.")
+    for name in ("id2label", "label2id"):
+        value = kwargs.get(name)
+        if value is not None and not isinstance(value, Mapping):
+            raise ValueError(f"`{name}` must be a dict (class index <-> class name) or None, got {value!r}.")
 
 
 def _is_real(value: Any) -> bool:

@@ -321,20 +321,33 @@ def _record_preprocessing(config: ProtoPoolConfig) -> None:
     config.image_std = list(data["std"])
     config.interpolation = data["interpolation"]
     config.crop_pct = data["crop_pct"]
+    config.crop_mode = data["crop_mode"]
 
 
 def image_processor_dict(config: ProtoPoolConfig) -> dict[str, Any]:
-    """A stock `ConvNextImageProcessorPil` config equal to timm's eval transform for this model.
+    """A stock transformers image processor config equal to timm's eval transform for this model.
 
-    Resize the shortest edge to H / crop_pct, centre-crop H × H, rescale to [0, 1], normalise: bit-exact with
-    `timm.data.create_transform(**config.data_config(), is_training=False)` for square inputs.
+    `crop_mode="center"`: `ConvNextImageProcessorPil`, which resizes the shortest edge to H / crop_pct and crops the
+    centre H × H. `crop_mode="squash"`: `ViTImageProcessorPil`, which resizes to H × W. Then rescale to [0, 1] and
+    normalise. With `AutoImageProcessor.from_pretrained(folder, backend="pil")` this is bit-exact with
+    `timm.data.create_transform(**config.data_config(), is_training=False)` for square inputs (squash: crop_pct 1);
+    transformers' default torchvision backend is within one grey level.
     """
     data = config.data_config()
-    height = data["input_size"][1]
+    _, height, width = data["input_size"]
+    if data["crop_mode"] == "squash":
+        processor: dict[str, Any] = {
+            "image_processor_type": "ViTImageProcessorPil",
+            "size": {"height": height, "width": width},
+        }
+    else:
+        processor = {
+            "image_processor_type": "ConvNextImageProcessorPil",
+            "size": {"shortest_edge": height},
+            "crop_pct": data["crop_pct"],
+        }
     return {
-        "image_processor_type": "ConvNextImageProcessorPil",
-        "size": {"shortest_edge": height},
-        "crop_pct": data["crop_pct"],
+        **processor,
         "resample": _PIL_RESAMPLE[data["interpolation"]],
         "do_resize": True,
         "do_rescale": True,

@@ -22,6 +22,7 @@ def test_presets_give_the_paper_settings():
     cub = ProtoPoolConfig.from_preset("cub200")
     assert (cub.num_labels, cub.num_prototypes, cub.num_slots_per_class, cub.prototype_dim) == (200, 202, 10, 256)
     assert cub.backbone == "resnet50"
+    assert cub.data_config()["crop_mode"] == "squash"  # the official Resize((224, 224)), no crop
     cars = ProtoPoolConfig.from_preset("cars196", backbone="resnet18")
     assert (cars.num_labels, cars.num_prototypes, cars.prototype_dim, cars.backbone) == (196, 195, 128, "resnet18")
     assert ProtoPoolConfig.from_preset("cars196").backbone == "resnet50.tv_in1k"
@@ -66,6 +67,7 @@ def test_data_config_is_taken_from_timm_when_unset():
         ("image_std", [0.5, 0.0, 0.5], "`image_std` must be > 0"),
         ("interpolation", "cubic", "`interpolation` must be one of"),
         ("crop_pct", 1.5, r"`crop_pct` must be in \(0, 1\]"),
+        ("crop_mode", "border", "`crop_mode` must be one of"),
     ],
 )
 def test_bad_values_name_the_field_and_the_range(field, value, match):

@@ -1,0 +1,724 @@
+"""Datasets and pixel transforms for ProtoPool: CUB-200-2011, Stanford Cars, image folders, Fashion-MNIST.
+
+Every loader returns a `datasets.Dataset` with the same columns:
+
+- `image`: `datasets.Image(decode=False)`, the file path (or the encoded bytes) of each image. Nothing is decoded
+  at load time, so loading CUB's 11,788 images takes a fraction of a second.
+- `label`: a `datasets.ClassLabel` with the class names.
+- `index`: the row's position in the loaded dataset (int64). It survives `select`, `shuffle` and
+  `train_test_split`, so it identifies a sample for seeded augmentation and for projection provenance.
+- `bbox` (CUB by default, Cars on request): `[x, y, width, height]` in pixels; images are cropped to it on decode.
+
+The loaders install a light format transform, so `ds[i]["image"]` is already a decoded RGB `PIL.Image`, cropped to
+its box. Decoding happens here rather than in `datasets`, so an unreadable file raises `UnreadableImageError` naming
+the file. For training, replace that view with `ds.with_transform(make_transforms(config, train=True))`, which
+decodes, crops and converts in the same way and then applies the pixel transform. A transform of your own receives
+the undecoded values: pass them through `decode_image`.
+"""
+
+import contextlib
+import gzip
+import hashlib
+import io
+import os
+import random
+import re
+import struct
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+
+__all__ = [
+    "FASHION_MNIST_LABELS",
+    "ImageTransform",
+    "UnreadableImageError",
+    "collate_fn",
+    "dataset_name",
+    "decode_image",
+    "from_hf_dataset",
+    "load_cub200",
+    "load_fashion_mnist",
+    "load_image_folder",
+    "load_stanford_cars",
+    "make_transforms",
+    "to_rgb",
+]
+
+FASHION_MNIST_LABELS = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+RECIPES = ("timm", "official")
+_SPLITS = ("train", "test")
+
+
+class UnreadableImageError(OSError):
+    """An image file (or stored image) that cannot be decoded; the message names it."""
+
+
+# --------------------------------------------------------------------------- colour
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Convert any PIL image to 8-bit RGB.
+
+    Transparent images (RGBA, LA, PA, palette or greyscale with a transparency key) are composited on white.
+    16-bit greyscale (`I;16*`, and `I`, read as the 16-bit range PNG decoders give it) is scaled by 255/65535,
+    where a plain `convert` would clip everything above 255 to white. CMYK uses PIL's conversion.
+
+    Args:
+        image: a PIL image of any mode.
+
+    Returns:
+        An RGB image of the same size (the input itself when it already is plain RGB).
+    """
+    if not isinstance(image, PIL.Image.Image):
+        raise TypeError(f"to_rgb expects a PIL.Image.Image, got {type(image).__name__}.")
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    if image.mode.startswith("I;16") or image.mode == "I":
+        wide = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
+        return PIL.Image.fromarray(np.rint(wide / 257.0).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode_image(value: Any, name: str | None = None) -> PIL.Image.Image:
+    """Decode one stored image to 8-bit RGB, applying its EXIF orientation.
+
+    Args:
+        value: a `datasets.Image` value (`{"path", "bytes"}`), a path, raw bytes, or a PIL image.
+        name: how to name the image in errors when it has no path (e.g. `"index 12"`).
+
+    Returns:
+        The RGB image, fully loaded.
+
+    Raises:
+        UnreadableImageError: the file is missing, empty, truncated, not an image, or too large for PIL's
+            decompression-bomb limit; the message names it.
+    """
+    if isinstance(value, PIL.Image.Image):
+        return to_rgb(value)
+    path, data = (value.get("path"), value.get("bytes")) if isinstance(value, Mapping) else (None, None)
+    if isinstance(value, str | os.PathLike):
+        path = os.fspath(value)
+    elif isinstance(value, bytes | bytearray):
+        data = bytes(value)
+    label = path or name or "image"
+    if path is None and data is None:
+        raise UnreadableImageError(f"{label}: no path and no bytes to decode (value {value!r}).")
+    try:
+        image = PIL.Image.open(io.BytesIO(data) if data is not None else path)
+        image.load()
+        image = PIL.ImageOps.exif_transpose(image)
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        hint = " (raise PIL.Image.MAX_IMAGE_PIXELS to allow it)" if "decompression bomb" in str(exc) else ""
+        raise UnreadableImageError(
+            f"Cannot read image {label}: {exc}{hint}. Replace or remove the file, or skip unreadable images with "
+            "make_transforms(..., skip_bad_images=True)."
+        ) from exc
+    return to_rgb(image)
+
+
+def _crop(image: PIL.Image.Image, bbox: Sequence[float], label: str) -> PIL.Image.Image:
+    x, y, w, h = (float(v) for v in bbox)
+    box = (max(0, round(x)), max(0, round(y)), min(image.width, round(x + w)), min(image.height, round(y + h)))
+    if box[2] <= box[0] or box[3] <= box[1]:
+        raise ValueError(f"Bounding box {list(bbox)} of {label} lies outside its {image.width}x{image.height} image.")
+    return image.crop(box)
+
+
+def _load_row(value: Any, bbox: Sequence[float] | None, index: int | None) -> PIL.Image.Image:
+    name = f"at index {index}" if index is not None else None
+    image = decode_image(value, name=name)
+    if bbox is None:
+        return image
+    path = value.get("path") if isinstance(value, Mapping) else None
+    return _crop(image, bbox, path or name or "image")
+
+
+class _DecodedView:
+    """Format transform our loaders install: the `image` column reads as RGB PIL images, cropped to `bbox`."""
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        if "image" not in batch:
+            return batch
+        n = len(batch["image"])
+        bboxes, indices = batch.get("bbox", [None] * n), batch.get("index", [None] * n)
+        images = [_load_row(v, b, i) for v, b, i in zip(batch["image"], bboxes, indices, strict=True)]
+        return {**batch, "image": images}
+
+
+# --------------------------------------------------------------------------- building datasets
+
+
+def _build_dataset(
+    labels: Sequence[int],
+    names: Sequence[str],
+    dataset: str,
+    split: str | None,
+    paths: Sequence[str] | None = None,
+    blobs: Sequence[bytes] | None = None,
+    bboxes: Sequence[Sequence[float]] | None = None,
+) -> datasets.Dataset:
+    n = len(labels)
+    image = pa.StructArray.from_arrays(
+        [
+            pa.array(blobs if blobs is not None else [None] * n, pa.binary()),
+            pa.array(paths or [None] * n, pa.string()),
+        ],
+        names=["bytes", "path"],
+    )
+    columns = {"image": image, "label": pa.array(labels, pa.int64()), "index": pa.array(np.arange(n), pa.int64())}
+    features = {"image": datasets.Image(decode=False), "label": datasets.ClassLabel(names=list(names))}
+    features["index"] = datasets.Value("int64")
+    if bboxes is not None:
+        columns["bbox"] = pa.array(bboxes, pa.list_(pa.float32(), 4))
+        features["bbox"] = datasets.Sequence(datasets.Value("float32"), length=4)  # datasets.List in >= 4
+    info = datasets.DatasetInfo(features=datasets.Features(features), dataset_name=dataset)
+    ds = datasets.Dataset(pa.table(columns), info=info, split=split)
+    return ds.with_transform(_DecodedView())
+
+
+def _check_split(split: str, allowed: Sequence[str] = _SPLITS) -> None:
+    if split not in allowed:
+        raise ValueError(f"split must be one of {list(allowed)}, got {split!r}.")
+
+
+def _require(path: Path, layout: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"Annotation file {path} not found. Expected layout: {layout}")
+    return path
+
+
+def _check_exist(paths: Sequence[str], what: str) -> None:
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of the {len(paths)} {what} images are missing, e.g. {missing[:3]}.")
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def _scan_image_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"Image folder {root} does not exist. Expected {root}/<class name>/<image files>.")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{root} holds no class folders. Expected {root}/<class name>/<image files>.")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(
+            p
+            for p in (root / name).rglob("*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
+        )
+        if not files:
+            raise ValueError(
+                f"Class folder {root / name} holds no images (extensions {sorted(IMAGE_EXTENSIONS)}). "
+                "Add its images or remove the folder."
+            )
+        paths += [str(p) for p in files]
+        labels += [label] * len(files)
+    return paths, labels, classes
+
+
+def load_image_folder(root: str | os.PathLike, name: str | None = None) -> datasets.Dataset:
+    """Load `root/<class name>/<images>` (class folders sorted by name, as torchvision's `ImageFolder`).
+
+    Args:
+        root: the folder of class folders. Images in nested subfolders of a class folder count for that class.
+        name: the dataset's name for provenance; defaults to `"image_folder:<folder name>"`.
+
+    Returns:
+        A dataset with `image`, `label` and `index` columns, in class-then-path order.
+
+    Raises:
+        FileNotFoundError: `root` does not exist.
+        ValueError: `root` holds no class folders, or a class folder holds no images (the message names it).
+    """
+    root = Path(root).expanduser()
+    paths, labels, classes = _scan_image_folder(root)
+    return _build_dataset(labels, classes, name or f"image_folder:{root.resolve().name}", None, paths=paths)
+
+
+# --------------------------------------------------------------------------- CUB-200-2011
+
+_CUB_LAYOUT = (
+    "the official CUB_200_2011 archive: images.txt, image_class_labels.txt, train_test_split.txt, "
+    "bounding_boxes.txt, classes.txt and images/<class>/<file>.jpg in one folder (pass it or its parent)."
+)
+
+
+def _read_table(path: Path, columns: int) -> dict[str, list[str]]:
+    rows = [line.split(maxsplit=columns - 1) for line in path.read_text().splitlines() if line.strip()]
+    bad = [row for row in rows if len(row) != columns]
+    if bad:
+        raise ValueError(f"{path}: expected {columns} fields per line, got {bad[0]!r}.")
+    return {row[0]: row[1:] for row in rows}
+
+
+def load_cub200(root: str | os.PathLike, split: str = "train", crop_to_bbox: bool = True) -> datasets.Dataset:
+    """Load CUB-200-2011 from the official archive layout.
+
+    Args:
+        root: the `CUB_200_2011` folder or its parent.
+        split: `"train"` (5,994 images) or `"test"` (5,794), from `train_test_split.txt`.
+        crop_to_bbox: add the `bbox` column from `bounding_boxes.txt`, so images are cropped to the bird on decode
+            (lazily), as in the paper.
+
+    Returns:
+        A dataset in `images.txt` order; class names without their number (`"Black_footed_Albatross"`).
+
+    Raises:
+        FileNotFoundError: an annotation file or image is missing (the message names it).
+    """
+    _check_split(split)
+    root = Path(root).expanduser()
+    base = root / "CUB_200_2011" if (root / "CUB_200_2011").is_dir() else root
+    images = _read_table(_require(base / "images.txt", _CUB_LAYOUT), 2)
+    classes = _read_table(_require(base / "classes.txt", _CUB_LAYOUT), 2)
+    class_of = _read_table(_require(base / "image_class_labels.txt", _CUB_LAYOUT), 2)
+    is_train = _read_table(_require(base / "train_test_split.txt", _CUB_LAYOUT), 2)
+    boxes = _read_table(_require(base / "bounding_boxes.txt", _CUB_LAYOUT), 5) if crop_to_bbox else {}
+    tables = {"image_class_labels.txt": class_of, "train_test_split.txt": is_train, "bounding_boxes.txt": boxes}
+    for file, table in tables.items():
+        missing = next((i for i in images if i not in table), None)
+        if missing is not None and (table or file != "bounding_boxes.txt" or crop_to_bbox):
+            raise ValueError(f"{base / file} has no line for image id {missing}.")
+    class_ids = sorted(classes, key=int)
+    label_of = {cid: k for k, cid in enumerate(class_ids)}
+    unknown = next((c for (c,) in class_of.values() if c not in label_of), None)
+    if unknown is not None:
+        raise ValueError(f"{base / 'image_class_labels.txt'} names class id {unknown}, which classes.txt lacks.")
+    names = [re.sub(r"^\d+\.", "", classes[cid][0]) for cid in class_ids]
+    keep = [i for i in images if (is_train[i][0] == "1") == (split == "train")]
+    paths = [str(base / "images" / images[i][0]) for i in keep]
+    _check_exist(paths, f"CUB-200-2011 {split}")
+    labels = [label_of[class_of[i][0]] for i in keep]
+    bboxes = [[float(v) for v in boxes[i]] for i in keep] if crop_to_bbox else None
+    return _build_dataset(labels, names, "cub200", split, paths=paths, bboxes=bboxes)
+
+
+# --------------------------------------------------------------------------- Stanford Cars
+
+_CARS_LAYOUT = (
+    "either the devkit layout (cars_train/, cars_test/, devkit/cars_meta.mat, devkit/cars_train_annos.mat and "
+    "cars_test_annos_withlabels.mat in the root or in devkit/) or class folders (train/<class>/*.jpg, "
+    "test/<class>/*.jpg)."
+)
+
+
+def _loadmat(path: Path) -> dict[str, Any]:
+    try:
+        from scipy.io import loadmat
+    except ImportError as exc:
+        raise ImportError(f"Reading {path} (Stanford Cars devkit) needs scipy: `pip install scipy`.") from exc
+    try:
+        return loadmat(path, squeeze_me=True)
+    except Exception as exc:
+        raise ValueError(f"Cannot read the MATLAB file {path}: {exc}") from exc
+
+
+def load_stanford_cars(root: str | os.PathLike, split: str = "train", crop_to_bbox: bool = False) -> datasets.Dataset:
+    """Load Stanford Cars (196 classes) from the devkit layout or from class folders, detected automatically.
+
+    Args:
+        root: the dataset folder (or its parent holding `stanford_cars/`, torchvision's layout).
+        split: `"train"` (8,144 images) or `"test"` (8,041).
+        crop_to_bbox: add the devkit's boxes as a `bbox` column, so images are cropped on decode. Off by default:
+            whether the paper cropped Cars is unknown. Not available in the class-folder layout.
+
+    Returns:
+        A dataset in annotation order (devkit, class names from `cars_meta.mat`) or class-folder order.
+
+    Raises:
+        FileNotFoundError: no known layout, or a missing annotation file or image (the message names it).
+    """
+    _check_split(split)
+    root = Path(root).expanduser()
+    for base in (root, root / "stanford_cars"):
+        if any((base / d).is_dir() for d in ("devkit", "cars_train", "cars_test")):
+            return _load_cars_devkit(base, split, crop_to_bbox)
+        if (base / split).is_dir():
+            if crop_to_bbox:
+                raise ValueError(f"{base / split} is in the class-folder layout, which has no boxes to crop to.")
+            paths, labels, classes = _scan_image_folder(base / split)
+            return _build_dataset(labels, classes, "stanford_cars", split, paths=paths)
+    raise FileNotFoundError(f"No Stanford Cars data found in {root}. Expected {_CARS_LAYOUT}")
+
+
+def _load_cars_devkit(base: Path, split: str, crop_to_bbox: bool) -> datasets.Dataset:
+    names = [
+        str(n)
+        for n in np.atleast_1d(_loadmat(_require(base / "devkit" / "cars_meta.mat", _CARS_LAYOUT))["class_names"])
+    ]
+    if split == "train":
+        annos_path = _require(base / "devkit" / "cars_train_annos.mat", _CARS_LAYOUT)
+    else:
+        candidates = [base / "cars_test_annos_withlabels.mat", base / "devkit" / "cars_test_annos_withlabels.mat"]
+        annos_path = next((p for p in candidates if p.is_file()), None) or _require(candidates[0], _CARS_LAYOUT)
+    annos = np.atleast_1d(_loadmat(annos_path)["annotations"])
+    fields = set(annos.dtype.names or ())
+    if not {"fname", "class"} <= fields:
+        raise ValueError(
+            f"{annos_path} has fields {sorted(fields)}; it needs 'fname' and 'class' (for the test split use "
+            "cars_test_annos_withlabels.mat, not cars_test_annos.mat)."
+        )
+    image_dir = base / f"cars_{split}"
+    image_dir = image_dir / f"cars_{split}" if (image_dir / f"cars_{split}").is_dir() else image_dir  # Kaggle copy
+    paths = [str(image_dir / str(a["fname"])) for a in annos]
+    _check_exist(paths, f"Stanford Cars {split}")
+    labels = [int(a["class"]) - 1 for a in annos]
+    bad = [c for c in labels if not 0 <= c < len(names)]
+    if bad:
+        raise ValueError(f"{annos_path}: class {bad[0] + 1} is outside 1..{len(names)} (cars_meta.mat's classes).")
+    bboxes = None
+    if crop_to_bbox:
+        corners = [[float(a[f"bbox_{k}"]) for k in ("x1", "y1", "x2", "y2")] for a in annos]
+        bboxes = [[x1, y1, x2 - x1, y2 - y1] for x1, y1, x2, y2 in corners]
+    return _build_dataset(labels, names, "stanford_cars", split, paths=paths, bboxes=bboxes)
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST
+
+
+def _read_idx(path: Path, limit: int | None) -> np.ndarray:
+    """Read a (gzipped) idx file of uint8 values; only the first `limit` entries when given."""
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            header = f.read(4)
+            if len(header) != 4 or header[:3] != b"\x00\x00\x08":
+                raise ValueError(f"not an idx file of uint8 values (magic {header.hex()})")
+            dims = list(struct.unpack(f">{header[3]}I", f.read(4 * header[3])))
+            dims[0] = dims[0] if limit is None else min(limit, dims[0])
+            count = int(np.prod(dims))
+            data = f.read(count)
+    except (OSError, EOFError, ValueError, struct.error) as exc:
+        raise ValueError(f"Cannot read the idx file {path}: {exc}") from exc
+    if len(data) != count:
+        raise ValueError(f"The idx file {path} is truncated: its header announces {dims}, it holds {len(data)} bytes.")
+    return np.frombuffer(data, np.uint8).reshape(dims)
+
+
+def load_fashion_mnist(
+    root: str | os.PathLike | None = None, split: str = "train", limit: int | None = None
+) -> datasets.Dataset:
+    """Load Fashion-MNIST (28×28 greyscale, 10 classes) from its idx files.
+
+    Images are stored as PGM bytes (an uncompressed format PIL reads), built straight from the idx array: the
+    60,000 training images load in about a second.
+
+    Args:
+        root: the folder holding `train-images-idx3-ubyte.gz`, `train-labels-idx1-ubyte.gz`, `t10k-...`
+            (uncompressed files work too). Defaults to Debian's `dataset-fashion-mnist` location.
+        split: `"train"` (60,000) or `"test"` (the t10k files, 10,000).
+        limit: keep only the first `limit` images.
+
+    Returns:
+        A dataset with `image`, `label` (`FASHION_MNIST_LABELS`) and `index` columns.
+
+    Raises:
+        FileNotFoundError: the files are not there (the message says how to get them).
+    """
+    _check_split(split)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of images or None, got {limit}.")
+    folder = Path(root if root is not None else FASHION_MNIST_ROOT).expanduser()
+    prefix = "train" if split == "train" else "t10k"
+    arrays = []
+    for kind in ("images-idx3", "labels-idx1"):
+        name = f"{prefix}-{kind}-ubyte"
+        path = next((p for p in (folder / f"{name}.gz", folder / name) if p.is_file()), None)
+        if path is None:
+            raise FileNotFoundError(
+                f"Fashion-MNIST file {folder / name}.gz not found. Install Debian's package "
+                f"(`apt-get install dataset-fashion-mnist`, files in {FASHION_MNIST_ROOT}) or pass root= a folder "
+                "holding the idx files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-...)."
+            )
+        arrays.append(_read_idx(path, limit))
+    images, labels = arrays
+    if images.ndim != 3 or len(images) != len(labels):
+        raise ValueError(f"Fashion-MNIST files in {folder} disagree: images {images.shape}, labels {labels.shape}.")
+    header = f"P5\n{images.shape[2]} {images.shape[1]}\n255\n".encode()
+    blobs = [header + image.tobytes() for image in images]
+    return _build_dataset(labels.astype(np.int64), FASHION_MNIST_LABELS, "fashion_mnist", split, blobs=blobs)
+
+
+# --------------------------------------------------------------------------- any datasets dataset
+
+
+def from_hf_dataset(
+    ds: datasets.Dataset, image_column: str = "image", label_column: str = "label", name: str | None = None
+) -> datasets.Dataset:
+    """Normalise any `datasets.Dataset` with an image and a label column to this module's columns.
+
+    Args:
+        ds: the dataset; its image column holds `datasets.Image` values or file paths, its label column a
+            `ClassLabel`, integers (names become `"0"`, `"1"`, ...) or strings (classes sorted by name).
+        image_column: the name of the image column.
+        label_column: the name of the label column.
+        name: the dataset's name for provenance; defaults to `ds.info.dataset_name` or `"dataset"`.
+
+    Returns:
+        A dataset with only `image`, `label` and `index` columns and the decoding view installed.
+
+    Raises:
+        ValueError: a column is missing, has an unusable type, or holds negative labels.
+    """
+    if not isinstance(ds, datasets.Dataset):
+        hint = " Pick a split first, e.g. ds['train']." if isinstance(ds, datasets.DatasetDict) else ""
+        raise TypeError(f"from_hf_dataset expects a datasets.Dataset, got {type(ds).__name__}.{hint}")
+    for column in (image_column, label_column):
+        if column not in ds.column_names:
+            raise ValueError(f"Column {column!r} not in the dataset; its columns are {ds.column_names}.")
+    ds = ds.with_format(None).select_columns([image_column, label_column])
+    ds = ds.rename_columns({c: n for c, n in ((image_column, "image"), (label_column, "label")) if c != n})
+    image_feature = ds.features["image"]
+    if not (isinstance(image_feature, datasets.Image) or getattr(image_feature, "dtype", None) == "string"):
+        raise ValueError(
+            f"Column {image_column!r} must hold datasets.Image values or file paths, got {image_feature}."
+        )
+    ds = ds.cast_column("image", datasets.Image(decode=False))
+    label_feature = ds.features["label"]
+    if getattr(label_feature, "dtype", None) == "string":
+        ds = ds.class_encode_column("label")
+    elif not isinstance(label_feature, datasets.ClassLabel):
+        if not pa.types.is_integer(ds.data.column("label").type):
+            raise ValueError(f"Column {label_column!r} must hold class labels, ints or strings, got {label_feature}.")
+        top = pc.max(ds.data.column("label")).as_py()
+        ds = ds.cast_column("label", datasets.ClassLabel(num_classes=(top or 0) + 1))
+    low = pc.min(ds.data.column("label")).as_py()
+    if low is not None and low < 0:
+        raise ValueError(f"Column {label_column!r} holds the negative label {low} (-1 usually marks unlabelled rows).")
+    ds = ds.add_column("index", np.arange(len(ds), dtype=np.int64))
+    ds.info.dataset_name = name or ds.info.dataset_name or "dataset"
+    return ds.with_transform(_DecodedView())
+
+
+# --------------------------------------------------------------------------- pixel transforms
+
+
+@contextlib.contextmanager
+def _preserved_rng() -> Iterator[None]:
+    """Restore Python's, numpy's and torch's CPU RNG states on exit: the caller's random streams are untouched."""
+    states = random.getstate(), np.random.get_state(), torch.random.default_generator.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.default_generator.set_state(states[2])
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.random.default_generator.manual_seed(seed)
+
+
+class ImageTransform:
+    """Batch transform for `Dataset.with_transform`: decode, crop to `bbox`, `to_rgb`, then a pixel pipeline.
+
+    Maps `{"image": [...], "label": [...], "index": [...]}` to `pixel_values` (N, 3, H, W) float32, `labels` (N,)
+    int64 and, when the batch has it, `index` (N,) int64. Training augmentation is seeded per sample by
+    (seed, epoch, index), so a resumed run sees the same augmented images; call `set_epoch` with the 0-based
+    Trainer epoch at each epoch start. The epoch lives in shared memory, so DataLoader workers (persistent ones
+    included) see it.
+
+    Example:
+        ```python
+        >>> import datasets, PIL.Image
+        >>> from protopool_hf.data import collate_fn, from_hf_dataset, make_transforms
+        >>> raw = datasets.Dataset.from_dict(
+        ...     {"image": [PIL.Image.new("L", (40, 30)), PIL.Image.new("RGBA", (20, 20))], "label": [0, 1]},
+        ...     features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}),
+        ... )
+        >>> transform = make_transforms({"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3}, train=True)
+        >>> transform.set_epoch(0)
+        >>> ds = from_hf_dataset(raw).with_transform(transform)
+        >>> batch = collate_fn([ds[0], ds[1]])
+        >>> batch["pixel_values"].shape, batch["labels"].tolist()
+        (torch.Size([2, 3, 32, 32]), [0, 1])
+        ```
+    """
+
+    def __init__(
+        self,
+        pipeline: Callable[[PIL.Image.Image], torch.Tensor],
+        train: bool,
+        seed: int | None = 0,
+        num_labels: int | None = None,
+        skip_bad_images: bool = False,
+    ) -> None:
+        self.pipeline = pipeline
+        self.train = train
+        self.seed = seed
+        self.num_labels = num_labels
+        self.skip_bad_images = skip_bad_images
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._warned: set[str] = set()
+
+    @property
+    def epoch(self) -> int:
+        """The epoch that seeds the augmentation."""
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the 0-based training epoch that seeds the augmentation (from a callback's `on_epoch_begin`)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}.")
+        self._epoch.fill_(int(epoch))
+
+    def sample_seed(self, index: int) -> int:
+        """The RNG seed of sample `index` at the current epoch: a hash of (seed, epoch, index)."""
+        key = f"{int(self.seed)},{self.epoch},{int(index)}".encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, torch.Tensor]:
+        """Transform a batch dict of lists; see the class docstring."""
+        if "image" not in batch or "label" not in batch:
+            raise ValueError(f"Batches need 'image' and 'label' columns, got {list(batch)}: use from_hf_dataset.")
+        indices = batch.get("index")
+        seeded = self.train and self.seed is not None
+        if seeded and indices is None:
+            raise ValueError(
+                "Seeded training augmentation needs an 'index' column: load the data with protopool_hf.data "
+                "(or from_hf_dataset), or pass seed=None for unseeded augmentation."
+            )
+        n = len(batch["image"])
+        bboxes, rows = batch.get("bbox", [None] * n), []
+        with _preserved_rng() if seeded else contextlib.nullcontext():
+            for value, bbox, label, index in zip(
+                batch["image"], bboxes, batch["label"], indices or [None] * n, strict=True
+            ):
+                index = None if index is None else int(index)
+                if int(label) < 0 or (self.num_labels is not None and int(label) >= self.num_labels):
+                    raise ValueError(f"Label {label} of the sample at index {index} is outside 0..{self.num_labels}.")
+                image = self._decode(value, bbox, index)
+                if image is not None:
+                    if seeded:
+                        _seed_all(self.sample_seed(index))
+                    rows.append((self.pipeline(image), int(label), index))
+        if not rows:
+            raise UnreadableImageError("Every image of this batch is unreadable (see the warnings above).")
+        pixels, labels, kept = zip(*rows, strict=True)
+        out = {"pixel_values": torch.stack(pixels), "labels": torch.tensor(labels, dtype=torch.int64)}
+        if indices is not None:
+            out["index"] = torch.tensor(kept, dtype=torch.int64)
+        return out
+
+    def _decode(self, value: Any, bbox: Sequence[float] | None, index: int | None) -> PIL.Image.Image | None:
+        try:
+            return _load_row(value, bbox, index)
+        except UnreadableImageError as exc:
+            if not self.skip_bad_images:
+                raise
+            if str(exc) not in self._warned:
+                self._warned.add(str(exc))
+                warnings.warn(f"Skipping an unreadable image: {exc}", stacklevel=3)
+            return None
+
+
+def _official_augmentation(interpolation: str) -> Callable[[PIL.Image.Image], PIL.Image.Image]:
+    """Online form of the official offline augmentation: one of rotate ±15°, shear ±10°, skew 0.2; then a flip."""
+    from timm.data.transforms import str_to_interp_mode
+    from torchvision import transforms
+
+    mode = str_to_interp_mode(interpolation)
+    one_of = [
+        transforms.RandomRotation(15, interpolation=mode),
+        transforms.RandomAffine(0, shear=(-10, 10, -10, 10), interpolation=mode),
+        transforms.RandomPerspective(distortion_scale=0.2, p=1.0, interpolation=mode),
+    ]
+    return transforms.Compose([transforms.RandomChoice(one_of), transforms.RandomHorizontalFlip()])
+
+
+def make_transforms(
+    config: Any, train: bool, recipe: str = "timm", *, seed: int | None = 0, skip_bad_images: bool = False
+) -> ImageTransform:
+    """Build the batch transform for training or evaluation from the config's timm data config.
+
+    Args:
+        config: a `ProtoPoolConfig` (its `data_config()` gives input_size, mean, std, interpolation, crop_pct) or
+            such a data-config mapping itself.
+        train: training augmentation (seeded by seed, epoch and index) or the deterministic eval transform.
+        recipe: `"timm"`: timm's `create_transform` for the backbone (train: random resized crop, flip, colour
+            jitter). `"official"`: for training, one of rotation ±15°, shear ±10° or perspective skew 0.2, then a
+            horizontal flip (online equivalents of the official offline augmentation; corners fill black), then the
+            eval resize. Evaluation always uses the config's eval transform (`crop_pct`, `crop_mode`: the presets
+            squash to H × W without crop, as the official code).
+        seed: seeds the training augmentation; `None` uses the global RNGs (not reproducible).
+        skip_bad_images: skip unreadable images with one warning each instead of raising `UnreadableImageError`.
+
+    Returns:
+        An `ImageTransform`; apply it with `ds.with_transform(...)` and batch with `collate_fn`.
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}.")
+    data_config = dict(config.data_config() if hasattr(config, "data_config") else config)
+    if tuple(data_config.get("input_size", ()))[:1] != (3,):
+        raise ValueError(f"input_size must be (3, H, W): images are converted to RGB; got {data_config}.")
+    from timm.data import create_transform
+    from torchvision import transforms
+
+    if train and recipe == "official":
+        # The official code's online equivalent: augment the full image, then its eval resize (the presets squash).
+        augmentation = _official_augmentation(data_config.get("interpolation", "bilinear"))
+        pipeline = transforms.Compose([augmentation, create_transform(**data_config, is_training=False)])
+    else:
+        pipeline = create_transform(**data_config, is_training=train)
+    num_labels = getattr(config, "num_labels", None)
+    return ImageTransform(pipeline, train=train, seed=seed, num_labels=num_labels, skip_bad_images=skip_bad_images)
+
+
+def collate_fn(examples: Sequence[Mapping[str, Any]], keep_index: bool = False) -> dict[str, torch.Tensor]:
+    """Stack transformed examples into a batch (a `Trainer` `data_collator`).
+
+    Args:
+        examples: rows of an `ImageTransform`-ed dataset (`pixel_values` (3, H, W), `labels`, maybe `index`).
+        keep_index: keep `index` (N,) in the batch, e.g. for projection; the model's `forward` does not take it.
+
+    Returns:
+        `pixel_values` (N, 3, H, W) and `labels` (N,) int64 (and `index` (N,) int64 when asked).
+    """
+    if not examples:
+        raise ValueError("collate_fn got an empty batch (were all of its images skipped as unreadable?).")
+    batch = {
+        "pixel_values": torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples]),
+        "labels": torch.tensor([int(e["labels"]) for e in examples], dtype=torch.int64),
+    }
+    if keep_index:
+        batch["index"] = torch.tensor([int(e["index"]) for e in examples], dtype=torch.int64)
+    return batch
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def dataset_name(ds: datasets.Dataset) -> str:
+    """A short, stable name for a dataset: `"<name>/<split>@<fingerprint[:8]>"`, e.g. `"cub200/train@1a2b3c4d"`.
+
+    The fingerprint part changes with the rows (`select`, `shuffle`, ...) and the format, and is the same when the
+    same loader call is repeated in another process. Recorded as the projection's provenance.
+    """
+    name = ds.info.dataset_name or ds.info.builder_name or "dataset"
+    split = f"/{ds.split}" if ds.split is not None else ""
+    return f"{name}{split}@{ds._fingerprint[:8]}"

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .callbacks import GumbelScheduleCallback, ProjectionCallback, WarmupCallback
     from .convert import convert_original_checkpoint
     from .explain import Explanation, explain
-    from .hub import push_to_hub, save_model_folder
+    from .hub import push_to_hub, render_model_card, save_model_folder
     from .projection import ProjectionResult, project_prototypes
     from .training import ProtoPoolRecipe, ProtoPoolTrainer, protopool_param_groups, train_protopool
 
@@ -41,6 +41,7 @@ __all__ = [
     "project_prototypes",
     "protopool_param_groups",
     "push_to_hub",
+    "render_model_card",
     "save_model_folder",
     "train_protopool",
 ]
@@ -54,6 +55,7 @@ _LAZY = {
     "Explanation": "explain",
     "explain": "explain",
     "push_to_hub": "hub",
+    "render_model_card": "hub",
     "save_model_folder": "hub",
     "ProjectionResult": "projection",
     "project_prototypes": "projection",

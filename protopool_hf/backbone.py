@@ -137,14 +137,16 @@ def _probe_usage(probe: nn.Module, feature_stage: int | None, size: tuple[int, .
         module.register_forward_pre_hook(lambda *_, name=name: called.add(name))
         for name, module in probe.named_modules()
     ]
-    try:
-        features = backbone_feature_map(probe, torch.empty(1, *size, device="meta"), feature_stage)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    if not params:
-        return set(), called
-    grads = torch.autograd.grad(features.sum(), list(params.values()), allow_unused=True)
+    # The probe needs autograd even when the model is built under `torch.no_grad()` (e.g. inside `from_pretrained`).
+    with torch.enable_grad():
+        try:
+            features = backbone_feature_map(probe, torch.empty(1, *size, device="meta"), feature_stage)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if not params:
+            return set(), called
+        grads = torch.autograd.grad(features.sum(), list(params.values()), allow_unused=True)
     return {name for name, grad in zip(params, grads, strict=True) if grad is None}, called
 
 

@@ -71,6 +71,12 @@ def test_earlier_feature_stage_gives_a_larger_map_and_drops_later_stages():
         tiny_model("test_convnext", feature_stage=7)
 
 
+def test_model_builds_under_no_grad():
+    with torch.no_grad():
+        model = tiny_model("test_convnext")
+    assert isinstance(model.backbone.head, torch.nn.Identity)
+
+
 def test_batch_size_one():
     model = tiny_model().eval()
     out = model(torch.randn(1, 3, 160, 160), labels=torch.tensor([1]))

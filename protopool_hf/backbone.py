@@ -49,12 +49,14 @@ def create_backbone(
     if feature_stage is not None:
         _prune_after_stage(model, feature_stage)
     probe_kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg_overlay", "checkpoint_path")}
-    with torch.device("meta"):
+    # The probe needs autograd even when the model is built under `no_grad` or `inference_mode`.
+    with torch.inference_mode(False), torch.enable_grad(), torch.device("meta"):
         probe = timm.create_model(name, pretrained=False, **probe_kwargs)
         if feature_stage is not None:
             _prune_after_stage(probe, feature_stage)
     size = input_size or tuple(probe.pretrained_cfg.get("input_size", (3, 224, 224)))
-    unused, called = _probe_usage(probe, feature_stage, size)
+    with torch.inference_mode(False), torch.enable_grad():
+        unused, called = _probe_usage(probe, feature_stage, size)
     _remove_unused_modules(model, unused, called)
     return model
 
@@ -137,16 +139,15 @@ def _probe_usage(probe: nn.Module, feature_stage: int | None, size: tuple[int, .
         module.register_forward_pre_hook(lambda *_, name=name: called.add(name))
         for name, module in probe.named_modules()
     ]
-    # The probe needs autograd even when the model is built under `torch.no_grad()` (e.g. inside `from_pretrained`).
-    with torch.enable_grad():
-        try:
-            features = backbone_feature_map(probe, torch.empty(1, *size, device="meta"), feature_stage)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        if not params:
-            return set(), called
-        grads = torch.autograd.grad(features.sum(), list(params.values()), allow_unused=True)
+    try:
+        # Two images: BatchNorm refuses one value per channel on a 1×1 map.
+        features = backbone_feature_map(probe, torch.empty(2, *size, device="meta"), feature_stage)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not params:
+        return set(), called
+    grads = torch.autograd.grad(features.sum(), list(params.values()), allow_unused=True)
     return {name for name, grad in zip(params, grads, strict=True) if grad is None}, called
 
 

@@ -229,10 +229,18 @@ def cmd_project(args: argparse.Namespace) -> int:
 
     model = ProtoPoolForImageClassification.from_pretrained(args.model)
     raw_train, _ = load_splits(args.dataset, args.data_root, args.limit)
-    if _labels(raw_train) != [model.config.id2label[i] for i in range(model.config.num_labels)]:
+    names = _labels(raw_train)
+    expected = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if names != expected:
+        first = next(
+            (i for i, (a, b) in enumerate(zip(names, expected, strict=False)) if a != b),
+            min(len(names), len(expected)),
+        )
+        ours, theirs = (v[first] if first < len(v) else None for v in (names, expected))
         raise ValueError(
-            f"The dataset's classes ({len(_labels(raw_train))}) differ from the model's id2label "
-            f"({model.config.num_labels}): project on the dataset the model was trained on."
+            f"The dataset's {len(names)} classes differ from the model's id2label ({len(expected)} classes), first at "
+            f"class {first}: {ours!r} in the dataset, {theirs!r} in the model. Project on the dataset the model was "
+            "trained on."
         )
     data = raw_train.with_transform(make_transforms(model.config, train=False))
     result = project_prototypes(model, data, batch_size=args.batch_size, dataset_name=dataset_name(raw_train))

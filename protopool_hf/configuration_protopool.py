@@ -77,7 +77,7 @@ class ProtoPoolConfig(PretrainedConfig):
         num_prototypes (`int`, *optional*, defaults to 202): P, the size of the shared prototype pool.
         num_slots_per_class (`int`, *optional*, defaults to 10): S, the slots of each class. P > S is required.
         prototype_dim (`int`, *optional*, defaults to 256): D, the channels of the latent map and the prototypes.
-        similarity_epsilon (`float`, *optional*, defaults to 1e-4): ε in φ(d) = log((d + 1) / (d + ε)).
+        similarity_epsilon (`float`, *optional*, defaults to 1e-4): ε in φ(d) = log((d + 1) / (d + ε)), in (0, 1).
         gumbel_tau (`float`, *optional*, defaults to 0.5): temperature of the training-time Gumbel-softmax.
         gumbel_scale_max (`float`, *optional*, defaults to 1000.0): final assignment scale s of the schedule.
         gumbel_scale_epochs (`int`, *optional*, defaults to 30): T, the epochs over which s rises as
@@ -215,6 +215,11 @@ class ProtoPoolConfig(PretrainedConfig):
             value = getattr(self, name)
             if not _is_real(value) or not value >= 0 or not math.isfinite(value):
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+        if not self.similarity_epsilon < 1:
+            raise ValueError(
+                f"`similarity_epsilon` must be in (0, 1), got {self.similarity_epsilon}: with ε >= 1, "
+                "φ(d) = log((d + 1) / (d + ε)) is no longer positive and every similarity flips its sign."
+            )
         if self.num_prototypes <= self.num_slots_per_class:
             raise ValueError(
                 f"`num_prototypes` ({self.num_prototypes}) must be larger than `num_slots_per_class` "

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
@@ -97,6 +98,61 @@ class ProtoPoolPreTrainedModel(PreTrainedModel):
 
     def _set_gradient_checkpointing(self, enable: bool = True, *args: Any, **kwargs: Any) -> None:
         self.backbone.set_grad_checkpointing(enable)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any, **kwargs: Any) -> Any:
+        """`PreTrainedModel.from_pretrained`, strict: weights only from safetensors, every tensor present, shapes equal.
+
+        transformers re-initialises a missing tensor with only a log line, and names mismatched shapes only in its
+        log; pickle-based `pytorch_model.bin` files can run code. Here each of these raises an error that names the
+        folder, the tensors and the fix. `ignore_mismatched_sizes=True` keeps transformers' behaviour for shapes.
+        """
+        source = os.fspath(pretrained_model_name_or_path)
+        if kwargs.get("use_safetensors") is False or kwargs.get("weights_only") is False:
+            raise ValueError(
+                f"ProtoPool models load weights only from model.safetensors (pickle-based files can run code); "
+                f"got use_safetensors/weights_only=False for {source!r}."
+            )
+        kwargs["use_safetensors"] = True
+        with_info = kwargs.pop("output_loading_info", False)
+        lenient = kwargs.pop("ignore_mismatched_sizes", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path,
+                *model_args,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                **kwargs,
+            )
+        except SafetensorError as error:
+            raise ValueError(
+                f"Cannot read the weights of {source!r} ({error}): its model.safetensors is truncated or corrupt, "
+                "e.g. by an interrupted download or copy. Download it again (force_download=True) or save the model "
+                "again."
+            ) from error
+        except OSError as error:
+            if "no file named model.safetensors" not in str(error):
+                raise
+            raise OSError(
+                f"{source!r} holds no model.safetensors. ProtoPool models load weights only from safetensors, never "
+                "from pickle-based files (pytorch_model.bin), whose loading can run code. Convert trusted weights: "
+                "model.save_pretrained(folder) writes model.safetensors."
+            ) from error
+        problems = []
+        if info["missing_keys"]:
+            problems.append(f"missing tensors {sorted(info['missing_keys'])}")
+        if info["mismatched_keys"] and not lenient:
+            shapes = ", ".join(
+                f"{key}: checkpoint {tuple(a)} vs config {tuple(b)}" for key, a, b in sorted(info["mismatched_keys"])
+            )
+            problems.append(f"tensors whose shapes differ from what config.json implies ({shapes})")
+        if problems:
+            raise ValueError(
+                f"The weights of {source!r} do not match its config.json: {'; '.join(problems)}. The config's sizes "
+                "(num_labels, num_prototypes, num_slots_per_class, prototype_dim, backbone) must be those the "
+                "weights were saved with: restore the config.json saved with these weights."
+            )
+        return (model, info) if with_info else model
 
 
 class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):

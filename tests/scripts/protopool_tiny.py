@@ -1,0 +1,63 @@
+"""Tiny ProtoPool models and Fashion-MNIST datasets shared by the training tests and their subprocess scripts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
+from protopool_hf.data import load_fashion_mnist, make_transforms
+from protopool_hf.training import split_train_validation
+
+
+FASHION_MNIST = Path(__file__).resolve().parents[1] / "data" / "fashion-mnist"
+
+
+def tiny_config(**overrides: Any) -> ProtoPoolConfig:
+    """test_resnet cut after its first stage: an 8×8 latent map at 32×32 px, ~28k parameters."""
+    kwargs = {
+        "backbone": "test_resnet",
+        "feature_stage": 1,
+        "num_labels": 10,
+        "num_prototypes": 20,
+        "num_slots_per_class": 3,
+        "prototype_dim": 16,
+        "input_size": [3, 32, 32],
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        "gumbel_scale_epochs": 4,
+    }
+    kwargs.update(overrides)
+    return ProtoPoolConfig(**kwargs)
+
+
+def tiny_model(seed: int = 0, **overrides: Any) -> ProtoPoolForImageClassification:
+    import torch
+
+    torch.manual_seed(seed)
+    return ProtoPoolForImageClassification(tiny_config(**overrides))
+
+
+def fashion_mnist(
+    config: ProtoPoolConfig, n_train: int, n_val: int = 0, seed: int = 0, recipe: str = "timm"
+) -> tuple[datasets.Dataset, datasets.Dataset | None, datasets.Dataset]:
+    """(augmented train, validation, un-augmented train for projection) from the committed Fashion-MNIST slice."""
+    raw = load_fashion_mnist(FASHION_MNIST, split="train", limit=n_train + n_val)
+    if n_val:
+        train, val = split_train_validation(raw, n_val / (n_train + n_val), seed=seed)
+        val = val.with_transform(make_transforms(config, train=False))
+    else:
+        train, val = raw, None
+    augmented = train.with_transform(make_transforms(config, train=True, recipe=recipe, seed=seed))
+    plain = train.with_transform(make_transforms(config, train=False))
+    return augmented, val, plain
+
+
+def fashion_mnist_test(config: ProtoPoolConfig, n: int) -> datasets.Dataset:
+    return load_fashion_mnist(FASHION_MNIST, split="test", limit=n).with_transform(
+        make_transforms(config, train=False)
+    )

@@ -499,9 +499,13 @@ class ProtoPoolRecipe:
         finetune_epochs: last-layer epochs after the projection (the official 25).
         learning_rate: the base lr; groups use 3·lr (head) and lr/10 (backbone, last layer).
         weight_decay: L2 weight decay of the add-on, backbone and last layer.
-        joint_lr_step_epochs, joint_lr_gamma: the joint phase's StepLR (5, 0.1).
-        finetune_lr_step_epochs, finetune_lr_gamma: fine-tuning's decay (×0.95 every 5 epochs).
-        train_batch_size, eval_batch_size, projection_batch_size: per-device batch sizes (80 in the official code).
+        joint_lr_step_epochs: the joint phase's StepLR step, in epochs (5).
+        joint_lr_gamma: the joint phase's StepLR factor (0.1).
+        finetune_lr_step_epochs: fine-tuning's decay step, in epochs (5).
+        finetune_lr_gamma: fine-tuning's decay factor (0.95).
+        train_batch_size: per-device training batch size (80 in the official code).
+        eval_batch_size: per-device evaluation batch size.
+        projection_batch_size: per-device projection batch size.
         gradient_accumulation_steps: micro-batches per optimizer step.
         mixup_alpha: Beta(alpha, alpha) mixup in every training phase; 0 turns it off.
         gumbel_per_step: update the Gumbel scale before every step (fractional epoch) instead of every epoch.
@@ -509,7 +513,10 @@ class ProtoPoolRecipe:
             BatchNorm statistics update).
         freeze_bn_during_finetune: keep the frozen backbone in eval mode in fine-tuning, so the projected prototypes
             stay the exact latent patches they were projected on (the official code lets the statistics drift).
-        eval_strategy, eval_steps, save_strategy, save_steps: when to evaluate and checkpoint ("epoch" or "steps").
+        eval_strategy: when to evaluate ("no", "epoch" or "steps").
+        eval_steps: steps between evaluations with `eval_strategy="steps"`.
+        save_strategy: when to checkpoint ("no", "epoch" or "steps").
+        save_steps: steps between checkpoints with `save_strategy="steps"`.
         save_total_limit: checkpoints kept per phase (the best one is always kept).
         load_best_model_at_end: select the joint and fine-tuning models on the validation split.
         metric_for_best_model: the metric of that selection (`compute_metrics` must produce it).

@@ -58,6 +58,7 @@ def test_data_config_is_taken_from_timm_when_unset():
         ("prototype_dim", 2.5, "`prototype_dim` must be a positive int"),
         ("num_prototypes", 2, r"`num_prototypes` \(2\) must be larger than `num_slots_per_class` \(2\)"),
         ("similarity_epsilon", 0.0, "`similarity_epsilon` must be a finite number > 0"),
+        ("similarity_epsilon", 1.0, r"`similarity_epsilon` must be in \(0, 1\)"),
         ("gumbel_tau", -1.0, "`gumbel_tau` must be a finite number > 0"),
         ("cluster_weight", -0.1, "`cluster_weight` must be a finite number >= 0"),
         ("l1_weight", float("nan"), "`l1_weight` must be a finite number >= 0"),

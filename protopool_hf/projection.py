@@ -34,7 +34,7 @@ from .layers import squared_l2_distances
 from .modeling_protopool import ProtoPoolForImageClassification
 
 
-__all__ = ["ProjectionResult", "project_prototypes", "prune_unused_prototypes"]
+__all__ = ["ProjectionResult", "default_dataset_name", "project_prototypes", "prune_unused_prototypes"]
 
 # A patch's tie-break key: image_index << 24 | row << 12 | col (rows and columns below 4096).
 _ROW_BITS = 12
@@ -191,7 +191,7 @@ def project_prototypes(
     num_prototypes, dim = head.prototypes.shape
     distributed = dist.is_available() and dist.is_initialized()
     if dataset_name is None:
-        dataset_name = _default_dataset_name(data)
+        dataset_name = default_dataset_name(data)
     loader, offset, needs_index = _as_loader(data, batch_size, num_workers, device, distributed)
 
     # (C, P) which prototypes each class's slots use; its rows mask each image's candidates.
@@ -502,8 +502,12 @@ def _is_sharded(loader: Any) -> bool:
     )
 
 
-def _default_dataset_name(data: Any) -> str | None:
-    """A `datasets.Dataset`'s name, else its fingerprint; None for other data."""
+def default_dataset_name(data: Any) -> str | None:
+    """The name a projection records by default: a `datasets.Dataset`'s name (+ `/config`), else its fingerprint.
+
+    Also used by `protopool_hf.visualization` to check that pictures are drawn from the projection's dataset.
+    Returns None for data that is not (a loader of) a `datasets.Dataset`.
+    """
     dataset = getattr(data, "dataset", data)
     while isinstance(dataset, Subset):
         dataset = dataset.dataset

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from .data import decode_image, to_rgb
 from .layers import log_similarity
+from .projection import default_dataset_name
 
 
 __all__ = [
@@ -433,17 +434,6 @@ def _without_transform(dataset: Any) -> Any:
     return dataset.with_format(None) if hasattr(dataset, "with_format") else dataset
 
 
-def _dataset_name(dataset: Any) -> str | None:
-    """How `project_prototypes` names a dataset by default: `info.dataset_name` (+ `/config`), else its fingerprint."""
-    info = getattr(dataset, "info", None)
-    name = getattr(info, "dataset_name", None)
-    if name:
-        config_name = getattr(info, "config_name", None)
-        return f"{name}/{config_name}" if config_name and config_name != "default" else name
-    fingerprint = getattr(dataset, "_fingerprint", None)
-    return f"fingerprint:{fingerprint}" if fingerprint else None
-
-
 def _check_dataset_name(model: torch.nn.Module, dataset: Any) -> None:
     """Warn when the dataset's name differs from the one the projection recorded.
 
@@ -451,7 +441,7 @@ def _check_dataset_name(model: torch.nn.Module, dataset: Any) -> None:
     of `render_prototypes(verify=True)` is the one that raises.
     """
     recorded = getattr(model.config, "projection_dataset", None)
-    current = _dataset_name(dataset)
+    current = default_dataset_name(dataset)
     if not recorded or current is None or recorded == current:
         return
     if recorded.startswith("fingerprint:") or current.startswith("fingerprint:"):
@@ -713,7 +703,7 @@ def _check_location(
         return
     at_patch, mean = float(distance_map[prov.row, prov.col]), float(distance_map.mean())
     if at_patch > max(1e-3, 0.05 * mean):
-        name = _dataset_name(dataset) or type(dataset).__name__
+        name = default_dataset_name(dataset) or type(dataset).__name__
         raise ValueError(
             f"Prototype {prototype_id} is at squared distance {at_patch:.4g} from the patch ({prov.row}, {prov.col}) of "
             f"image {prov.image_index} of {name} (mean over that image {mean:.4g}); right after projection it is ~0. "

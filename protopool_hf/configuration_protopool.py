@@ -311,6 +311,15 @@ def _check_label_arguments(kwargs: dict[str, Any]) -> None:
         value = kwargs.get(name)
         if value is not None and not isinstance(value, Mapping):
             raise ValueError(f"`{name}` must be a dict (class index <-> class name) or None, got {value!r}.")
+    id2label = kwargs.get("id2label")
+    if id2label:
+        for key in id2label:
+            try:
+                int(key)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"`id2label` keys must be class indices (ints, or strings of ints as in config.json), got {key!r}."
+                ) from None
 
 
 def _is_real(value: Any) -> bool:

@@ -76,6 +76,11 @@ def test_bad_values_name_the_field_and_the_range(field, value, match):
         ProtoPoolConfig(**{**TINY, field: value})
 
 
+def test_label_maps_must_use_class_indices():
+    with pytest.raises(ValueError, match="`id2label` keys must be class indices"):
+        ProtoPoolConfig(**{**TINY, "id2label": {"cat": "cat"}})
+
+
 def test_unknown_backbone_suggests_close_timm_names():
     with pytest.raises(ValueError, match=r"`backbone`='resnet05' is not a timm model.*Did you mean.*resnet50"):
         ProtoPoolConfig(**{**TINY, "backbone": "resnet05"})

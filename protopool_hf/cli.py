@@ -201,11 +201,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         data_collator=collate_fn,
         resume_from_checkpoint=args.resume_from_checkpoint,
     )
-    metrics: dict[str, Any] = {f"validation_{k}": v for k, v in result.metrics.get("finetune", {}).items()}
+    final = result.metrics.get("finetune", {})
+    metrics: dict[str, Any] = {k.replace("eval_", "validation_", 1): v for k, v in final.items()}
     if raw_test is not None:
         evaluator = ProtoPoolTrainer(
             model=result.model,
-            args=recipe.training_arguments("finetune"),
+            args=recipe.training_arguments("finetune", evaluate=False),
             data_collator=collate_fn,
             compute_metrics=compute_accuracy,
         )

@@ -24,7 +24,6 @@ def run(output_dir: Path, *options: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path):
     reference = run(tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr[-5000:]

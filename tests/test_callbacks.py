@@ -24,31 +24,7 @@ from protopool_hf.training import ProtoPoolTrainer, set_trainable
 
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from protopool_tiny import fashion_mnist, tiny_config, tiny_model
-
-
-def trainer_args(tmp_path: Path, **overrides) -> TrainingArguments:
-    kwargs = {
-        "output_dir": str(tmp_path),
-        "use_cpu": True,
-        "report_to": "none",
-        "remove_unused_columns": False,
-        "label_names": ["labels"],
-        "per_device_train_batch_size": 8,
-        "per_device_eval_batch_size": 16,
-        "num_train_epochs": 3,
-        "learning_rate": 1e-3,
-        "weight_decay": 1e-3,
-        "lr_scheduler_type": "constant",
-        "max_grad_norm": 0.0,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "disable_tqdm": True,
-        "seed": 0,
-    }
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+from protopool_tiny import fashion_mnist, tiny_config, tiny_model, trainer_args
 
 
 class Recorder(TrainerCallback):
@@ -124,7 +100,7 @@ def test_gumbel_schedule_and_augmentation_epoch_survive_a_resume(tmp_path: Path,
 
     def run(output_dir: Path, resume: str | None, seed: int):
         recorder = Recorder(transform)
-        args = trainer_args(output_dir, save_strategy="steps", save_steps=3)
+        args = trainer_args(output_dir, num_train_epochs=3, save_strategy="steps", save_steps=3)
         trainer = ProtoPoolTrainer(
             model=tiny_model(seed=seed),
             args=args,

@@ -13,7 +13,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 
 from protopool_hf import ProtoPoolForImageClassification
 from protopool_hf.callbacks import GumbelScheduleCallback
@@ -34,34 +34,10 @@ from protopool_hf.training import (
 
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from protopool_tiny import fashion_mnist, fashion_mnist_test, tiny_config, tiny_model
+from protopool_tiny import fashion_mnist, fashion_mnist_test, tiny_config, tiny_model, trainer_args
 
 
 SCRIPTS = Path(__file__).parent / "scripts"
-
-
-def trainer_args(tmp_path: Path, **overrides) -> TrainingArguments:
-    kwargs = {
-        "output_dir": str(tmp_path),
-        "use_cpu": True,
-        "report_to": "none",
-        "remove_unused_columns": False,
-        "label_names": ["labels"],
-        "per_device_train_batch_size": 8,
-        "per_device_eval_batch_size": 16,
-        "num_train_epochs": 1,
-        "learning_rate": 1e-3,
-        "weight_decay": 1e-3,
-        "lr_scheduler_type": "constant",
-        "max_grad_norm": 0.0,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "disable_tqdm": True,
-        "seed": 0,
-    }
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

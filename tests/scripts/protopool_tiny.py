@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+from transformers import TrainingArguments
 
 from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
 from protopool_hf.data import load_fashion_mnist, make_transforms
@@ -61,3 +62,28 @@ def fashion_mnist_test(config: ProtoPoolConfig, n: int) -> datasets.Dataset:
     return load_fashion_mnist(FASHION_MNIST, split="test", limit=n).with_transform(
         make_transforms(config, train=False)
     )
+
+
+def trainer_args(tmp_path: Path, **overrides: Any) -> TrainingArguments:
+    """CPU `TrainingArguments` for tiny test runs: no saving, no evaluation, logs every step."""
+    kwargs = {
+        "output_dir": str(tmp_path),
+        "use_cpu": True,
+        "report_to": "none",
+        "remove_unused_columns": False,
+        "label_names": ["labels"],
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 16,
+        "num_train_epochs": 1,
+        "learning_rate": 1e-3,
+        "weight_decay": 1e-3,
+        "lr_scheduler_type": "constant",
+        "max_grad_norm": 0.0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)

@@ -5,7 +5,7 @@ once. Every subcommand is a function `cmd_<name>(args) -> int`; `main(argv)` par
 
 Examples:
     protopool-hf train --dataset fashion-mnist --backbone resnet18 --output-dir runs/fmnist
-    accelerate launch --num_processes 2 -m protopool_hf.cli train --preset cub200 --dataset cub200 --data-root CUB_200_2011 --output-dir runs/cub
+    accelerate launch --multi_gpu --num_processes 2 examples/train.py --preset cub200 --dataset cub200 --data-root CUB_200_2011 --output-dir runs/cub
     protopool-hf explain runs/fmnist image.png --out explanation.png
     protopool-hf push runs/fmnist my-org/protopool-fmnist
 """

@@ -387,7 +387,9 @@ def image_processor_dict(config: ProtoPoolConfig) -> dict[str, Any]:
     centre H × H. `crop_mode="squash"`: `ViTImageProcessorPil`, which resizes to H × W. Then rescale to [0, 1] and
     normalise. With `AutoImageProcessor.from_pretrained(folder, backend="pil")` this is bit-exact with
     `timm.data.create_transform(**config.data_config(), is_training=False)` for square inputs (squash: crop_pct 1);
-    transformers' default torchvision backend is within one grey level.
+    transformers' default torchvision backend is within one grey level. Where the resized image exceeds the crop by
+    an odd number of pixels, transformers floors the crop offset and timm rounds it, so such images come out shifted
+    by one pixel: a stock processor cannot express timm's rounding.
     """
     data = config.data_config()
     _, height, width = data["input_size"]

@@ -63,6 +63,8 @@ class DemoSettings:
     joint_epochs: int = 3
     finetune_epochs: int = 2
     learning_rate: float = 3e-3
+    finetune_learning_rate: float | None = None
+    last_layer_correct_connection: float = 1.0
     mixup_alpha: float = 0.0
     cluster_weight: float = 0.2
     separation_weight: float = 0.02
@@ -135,6 +137,7 @@ def build_config(settings: DemoSettings, weights: Path) -> Any:
         prototype_dim=settings.prototype_dim,
         cluster_weight=settings.cluster_weight,
         separation_weight=settings.separation_weight,
+        last_layer_correct_connection=settings.last_layer_correct_connection,
         gumbel_scale_max=settings.gumbel_scale_max,
         gumbel_scale_epochs=settings.gumbel_scale_epochs,
         input_size=[3, settings.image_size, settings.image_size],
@@ -188,6 +191,7 @@ def run_protopool(settings: DemoSettings, output_dir: Path, save_pictures: bool 
         joint_epochs=settings.joint_epochs,
         finetune_epochs=settings.finetune_epochs,
         learning_rate=settings.learning_rate,
+        finetune_learning_rate=settings.finetune_learning_rate,
         mixup_alpha=settings.mixup_alpha,
         gumbel_per_step=settings.gumbel_per_step,
         train_batch_size=settings.batch_size,

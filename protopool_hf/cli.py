@@ -41,11 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--prototype-dim", type=int, help="D, prototype depth")
     model.add_argument("--feature-stage", type=int, help="use this backbone stage instead of the last map")
     model.add_argument("--image-size", type=int, help="square input size in pixels (default: timm's)")
+    model.add_argument("--cluster-weight", type=float, help="weight of the cluster term (official 0.8)")
+    model.add_argument("--separation-weight", type=float, help="weight of the separation term (official 0.08)")
+    model.add_argument(
+        "--last-layer-connection", type=float, help="initial last-layer weight of a slot to its class (official 1)"
+    )
     recipe = train.add_argument_group("recipe (defaults: the official code's)")
     recipe.add_argument("--warmup-epochs", type=int, default=9)
     recipe.add_argument("--joint-epochs", type=int, default=21)
     recipe.add_argument("--finetune-epochs", type=int, default=25)
     recipe.add_argument("--lr", type=float, default=1e-3, help="base learning rate (head 3·lr, backbone lr/10)")
+    recipe.add_argument("--finetune-lr", type=float, help="last-layer lr in fine-tuning (default: lr/10)")
     recipe.add_argument("--batch-size", type=int, default=80, help="per-device batch size")
     recipe.add_argument("--mixup-alpha", type=float, default=0.5, help="0 turns mixup off")
     recipe.add_argument("--gumbel-per-step", action="store_true", help="update the Gumbel scale every step")
@@ -162,6 +168,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         ("num_slots_per_class", args.num_slots),
         ("prototype_dim", args.prototype_dim),
         ("feature_stage", args.feature_stage),
+        ("cluster_weight", args.cluster_weight),
+        ("separation_weight", args.separation_weight),
+        ("last_layer_correct_connection", args.last_layer_connection),
     ):
         if value is not None:
             overrides[field] = value
@@ -181,6 +190,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         joint_epochs=args.joint_epochs,
         finetune_epochs=args.finetune_epochs,
         learning_rate=args.lr,
+        finetune_learning_rate=args.finetune_lr,
         train_batch_size=args.batch_size,
         eval_batch_size=args.batch_size,
         projection_batch_size=args.batch_size,

@@ -86,6 +86,12 @@ class ProtoPoolConfig(PretrainedConfig):
         separation_weight (`float`, *optional*, defaults to 0.08): weight of the separation term (subtracted).
         orthogonality_weight (`float`, *optional*, defaults to 1.0): weight of the slot orthogonality term.
         l1_weight (`float`, *optional*, defaults to 1e-4): weight of the L1 penalty on off-class last-layer weights.
+        last_layer_correct_connection (`float`, *optional*, defaults to 1.0): initial last-layer weight from each
+            slot to its own class (the official 1). The last layer stays frozen until fine-tuning, so this is the
+            scale of the logits in the main phase: with few slots per class a larger value (e.g. 10) lets the
+            cross-entropy fall faster (docs/performance.md).
+        last_layer_incorrect_connection (`float`, *optional*, defaults to 0.0): initial last-layer weight from each
+            slot to the other classes (the official 0; ProtoPNet uses -0.5).
         input_size (`list[int]`, *optional*): `[3, H, W]` model input; `None` takes timm's value for the backbone.
         image_mean (`list[float]`, *optional*): normalisation mean; `None` takes timm's.
         image_std (`list[float]`, *optional*): normalisation std; `None` takes timm's.
@@ -129,6 +135,8 @@ class ProtoPoolConfig(PretrainedConfig):
         separation_weight: float = 0.08,
         orthogonality_weight: float = 1.0,
         l1_weight: float = 1e-4,
+        last_layer_correct_connection: float = 1.0,
+        last_layer_incorrect_connection: float = 0.0,
         input_size: list[int] | None = None,
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
@@ -159,6 +167,8 @@ class ProtoPoolConfig(PretrainedConfig):
         self.separation_weight = separation_weight
         self.orthogonality_weight = orthogonality_weight
         self.l1_weight = l1_weight
+        self.last_layer_correct_connection = last_layer_correct_connection
+        self.last_layer_incorrect_connection = last_layer_incorrect_connection
         self.input_size = _as_list("input_size", input_size)
         self.image_mean = _as_list("image_mean", image_mean)
         self.image_std = _as_list("image_std", image_std)
@@ -215,6 +225,16 @@ class ProtoPoolConfig(PretrainedConfig):
             value = getattr(self, name)
             if not _is_real(value) or not value >= 0 or not math.isfinite(value):
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+        for name in ("last_layer_correct_connection", "last_layer_incorrect_connection"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+        if not self.last_layer_correct_connection > self.last_layer_incorrect_connection:
+            raise ValueError(
+                f"`last_layer_correct_connection` ({self.last_layer_correct_connection}) must be larger than "
+                f"`last_layer_incorrect_connection` ({self.last_layer_incorrect_connection}): otherwise a class's own "
+                "slots lower its logit."
+            )
         if not self.similarity_epsilon < 1:
             raise ValueError(
                 f"`similarity_epsilon` must be in (0, 1), got {self.similarity_epsilon}: with ε >= 1, "

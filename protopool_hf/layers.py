@@ -131,6 +131,8 @@ class ProtoPoolHead(nn.Module):
         prototype_dim: D.
         epsilon: ε of φ.
         tau: Gumbel-softmax temperature.
+        correct_connection: initial last-layer weight from a slot to its own class (official 1).
+        incorrect_connection: initial last-layer weight from a slot to the other classes (official 0).
 
     Example:
         ```python
@@ -153,8 +155,12 @@ class ProtoPoolHead(nn.Module):
         prototype_dim: int,
         epsilon: float = 1e-4,
         tau: float = 0.5,
+        correct_connection: float = 1.0,
+        incorrect_connection: float = 0.0,
     ) -> None:
         super().__init__()
+        self.correct_connection = correct_connection
+        self.incorrect_connection = incorrect_connection
         self.num_classes = num_classes
         self.num_prototypes = num_prototypes
         self.num_slots_per_class = num_slots_per_class
@@ -175,13 +181,18 @@ class ProtoPoolHead(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The official initialisation: Kaiming add-on, U[0, 1) prototypes, Xavier Θ, 1/0 last layer."""
+        """The official initialisation: Kaiming add-on, U[0, 1) prototypes, Xavier Θ, 1/0 last layer (by default)."""
         nn.init.kaiming_normal_(self.add_on[0].weight, mode="fan_out", nonlinearity="relu")
         nn.init.zeros_(self.add_on[0].bias)
         nn.init.uniform_(self.prototypes, 0.0, 1.0)
         nn.init.xavier_normal_(self.slot_logits)
         with torch.no_grad():
-            self.last_layer.weight.copy_(slot_class_identity(self.num_classes, self.num_slots_per_class))
+            self.last_layer.weight.copy_(self.initial_last_layer())
+
+    def initial_last_layer(self) -> torch.Tensor:
+        """The `(C, C·S)` initial last-layer weight: `correct_connection` on a slot's own class, else `incorrect_...`."""
+        identity = slot_class_identity(self.num_classes, self.num_slots_per_class)
+        return identity * self.correct_connection + (1 - identity) * self.incorrect_connection
 
     # ------------------------------------------------------------------ pieces
     def latent(self, features: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from transformers.utils import ModelOutput
 
 from .backbone import backbone_feature_map, create_backbone, feature_channels
 from .configuration_protopool import ProtoPoolConfig
-from .layers import HeadOutput, ProtoPoolHead, slot_class_identity, squared_l2_distances
+from .layers import HeadOutput, ProtoPoolHead, squared_l2_distances
 from .losses import (
     LossWeights,
     cluster_loss,
@@ -86,7 +86,7 @@ class ProtoPoolPreTrainedModel(PreTrainedModel):
             init.zeros_(module.add_on[0].bias)
             init.uniform_(module.prototypes, 0.0, 1.0)
             init.xavier_normal_(module.slot_logits)
-            init.copy_(module.last_layer.weight, slot_class_identity(module.num_classes, module.num_slots_per_class))
+            init.copy_(module.last_layer.weight, module.initial_last_layer())
             init.ones_(module.gumbel_scale)
             init.zeros_(module.hard_assignment)
             for name in ("projection_image_index", "projection_row", "projection_col", "projection_label"):
@@ -198,6 +198,8 @@ class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
             prototype_dim=config.prototype_dim,
             epsilon=config.similarity_epsilon,
             tau=config.gumbel_tau,
+            correct_connection=config.last_layer_correct_connection,
+            incorrect_connection=config.last_layer_incorrect_connection,
         )
         self.post_init()
 

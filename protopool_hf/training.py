@@ -498,6 +498,8 @@ class ProtoPoolRecipe:
         joint_epochs: epochs training everything but the last layer.
         finetune_epochs: last-layer epochs after the projection (the official 25).
         learning_rate: the base lr; groups use 3·lr (head) and lr/10 (backbone, last layer).
+        finetune_learning_rate: the last layer's lr in fine-tuning; None: the official `learning_rate / 10`. (That
+            phase's Trainer gets 10× this as its base lr, so its only group, the last layer, trains at exactly it.)
         weight_decay: L2 weight decay of the add-on, backbone and last layer.
         joint_lr_step_epochs: the joint phase's StepLR step, in epochs (5).
         joint_lr_gamma: the joint phase's StepLR factor (0.1).
@@ -542,6 +544,7 @@ class ProtoPoolRecipe:
     joint_epochs: int = 21
     finetune_epochs: int = 25
     learning_rate: float = 1e-3
+    finetune_learning_rate: float | None = None
     weight_decay: float = 1e-3
     joint_lr_step_epochs: int = 5
     joint_lr_gamma: float = 0.1
@@ -582,6 +585,8 @@ class ProtoPoolRecipe:
         for name in ("learning_rate", "joint_lr_gamma", "finetune_lr_gamma"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}.")
+        if self.finetune_learning_rate is not None and not self.finetune_learning_rate > 0:
+            raise ValueError(f"finetune_learning_rate must be > 0 or None, got {self.finetune_learning_rate!r}.")
         for name in (
             "joint_lr_step_epochs", "finetune_lr_step_epochs", "train_batch_size", "eval_batch_size",
             "projection_batch_size", "gradient_accumulation_steps", "logging_steps",
@@ -611,6 +616,13 @@ class ProtoPoolRecipe:
         offsets = {"warmup": 0, "joint": self.warmup_epochs, "finetune": self.warmup_epochs + self.joint_epochs}
         return offsets[phase]
 
+    def phase_learning_rate(self, phase: str) -> float:
+        """The base lr of a phase's Trainer (its groups scale it as `protopool_param_groups` says)."""
+        _check_phase(phase)
+        if phase == "finetune" and self.finetune_learning_rate is not None:
+            return 10 * self.finetune_learning_rate  # the last layer's group runs at lr/10
+        return self.learning_rate
+
     def training_arguments(self, phase: str, evaluate: bool = True) -> TrainingArguments:
         """The `TrainingArguments` of a phase (its folder is `output_dir/<phase>`).
 
@@ -627,7 +639,7 @@ class ProtoPoolRecipe:
             "per_device_train_batch_size": self.train_batch_size,
             "per_device_eval_batch_size": self.eval_batch_size,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
-            "learning_rate": self.learning_rate,
+            "learning_rate": self.phase_learning_rate(phase),
             "weight_decay": self.weight_decay,  # of the decayed groups only (protopool_param_groups)
             "lr_scheduler_type": "constant",
             "max_grad_norm": 0.0,  # the official code does not clip gradients
@@ -845,7 +857,8 @@ def train_protopool(
        With an evaluation split, the best epoch on it is kept (`load_best_model_at_end`).
     3. **projection**: each prototype moves onto its nearest latent patch of `projection_dataset` (the training
        images with the *eval* transform); the assignment becomes hard.
-    4. **fine-tuning** (`recipe.finetune_epochs`): only the last layer, CE + 1e-4·L1, lr/10, ×0.95 every 5 epochs.
+    4. **fine-tuning** (`recipe.finetune_epochs`): only the last layer, CE + 1e-4·L1, lr/10 (or
+       `recipe.finetune_learning_rate`), ×0.95 every 5 epochs.
 
     The Gumbel scale follows the schedule over warm-up and joint epochs together, mixup runs in every phase
     (`recipe.mixup_alpha`), seeded augmentation (`protopool_hf.data.make_transforms`) gets the global epoch. Model

@@ -15,6 +15,7 @@ def test_defaults_follow_the_official_code():
     assert (config.gumbel_scale_max, config.gumbel_scale_epochs) == (1000.0, 30)
     assert (config.cluster_weight, config.separation_weight) == (0.8, 0.08)
     assert (config.orthogonality_weight, config.l1_weight) == (1.0, 1e-4)
+    assert (config.last_layer_correct_connection, config.last_layer_incorrect_connection) == (1.0, 0.0)
     assert config.model_type == "protopool"
 
 
@@ -69,6 +70,9 @@ def test_data_config_is_taken_from_timm_when_unset():
         ("interpolation", "cubic", "`interpolation` must be one of"),
         ("crop_pct", 1.5, r"`crop_pct` must be in \(0, 1\]"),
         ("crop_mode", "border", "`crop_mode` must be one of"),
+        ("last_layer_correct_connection", float("inf"), "`last_layer_correct_connection` must be a finite number"),
+        ("last_layer_incorrect_connection", "-0.5", "`last_layer_incorrect_connection` must be a finite number"),
+        ("last_layer_correct_connection", 0.0, r"`last_layer_correct_connection` \(0.0\) must be larger than"),
     ],
 )
 def test_bad_values_name_the_field_and_the_range(field, value, match):

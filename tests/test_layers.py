@@ -84,6 +84,18 @@ def test_head_initialisation_and_modes():
     assert set(head(features).slot_assignment.unique().tolist()) == {0.0, 1.0}
 
 
+def test_last_layer_connections_set_its_initial_weights():
+    head = ProtoPoolHead(
+        4, num_classes=2, num_prototypes=5, num_slots_per_class=2, prototype_dim=3, correct_connection=10.0,
+        incorrect_connection=-0.5,
+    )  # fmt: skip
+    assert head.last_layer.weight.tolist() == [[10, 10, -0.5, -0.5], [-0.5, -0.5, 10, 10]]
+    features = torch.randn(3, 4, 2, 2)
+    out = head.eval()(features)
+    expected = out.similarities.sum(2) * 10.5 - 0.5 * out.similarities.sum((1, 2))[:, None]
+    torch.testing.assert_close(out.logits, expected)
+
+
 def test_head_works_at_batch_size_one_and_on_a_one_by_one_map():
     head = ProtoPoolHead(4, num_classes=2, num_prototypes=5, num_slots_per_class=2, prototype_dim=3).eval()
     out = head(torch.randn(1, 4, 1, 1))

@@ -149,6 +149,18 @@ def test_head_initialisation_follows_the_official_code():
     assert model.head.prototypes.shape == (6, 8) and model.head.prototypes.min() >= 0
 
 
+def test_last_layer_connections_come_from_the_config_and_trained_weights_survive_reloading(tmp_path):
+    model = tiny_model(last_layer_correct_connection=10.0)
+    weight = model.head.last_layer.weight
+    assert torch.equal(weight[0], torch.tensor([10.0, 10.0, 0, 0, 0, 0]))
+    with torch.no_grad():
+        weight[2, 0] = -3.0  # as fine-tuning would
+    model.save_pretrained(tmp_path)
+    reloaded = ProtoPoolForImageClassification.from_pretrained(tmp_path)
+    assert reloaded.config.last_layer_correct_connection == 10.0
+    assert torch.equal(reloaded.head.last_layer.weight, weight)
+
+
 def test_post_init_keeps_timm_initialisation():
     torch.manual_seed(0)
     native = timm.create_model("test_resnet", num_classes=0)

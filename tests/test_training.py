@@ -330,6 +330,21 @@ def test_recipe_checks_its_arguments(tmp_path: Path):
     (tmp_path / "joint").mkdir()
     with pytest.raises(FileNotFoundError, match=r"trainer_state\.json"):
         train_protopool(model, [{}], None, [{}], recipe, resume_from_checkpoint=str(tmp_path / "joint" / "nope"))
+    with pytest.raises(ValueError, match="finetune_learning_rate must be > 0"):
+        ProtoPoolRecipe(finetune_learning_rate=0.0)
+
+
+def test_finetune_learning_rate_sets_the_last_layer_lr_only(tmp_path: Path):
+    model = tiny_model()
+    recipe = ProtoPoolRecipe(output_dir=str(tmp_path), use_cpu=True, learning_rate=1e-3, finetune_learning_rate=0.02)
+    assert recipe.training_arguments("joint").learning_rate == 1e-3
+    assert recipe.training_arguments("warmup").learning_rate == 1e-3
+    finetune = ProtoPoolTrainer(model=model, args=recipe.training_arguments("finetune", False), phase="finetune")
+    groups = finetune.create_optimizer().param_groups
+    assert [(g["name"], g["lr"]) for g in groups] == [("last_layer", pytest.approx(0.02))]
+    official = ProtoPoolRecipe(output_dir=str(tmp_path), use_cpu=True, learning_rate=1e-3)
+    finetune = ProtoPoolTrainer(model=model, args=official.training_arguments("finetune", False), phase="finetune")
+    assert finetune.create_optimizer().param_groups[0]["lr"] == pytest.approx(1e-4)
 
 
 def recipe_on_fashion_mnist(tmp_path: Path, n_train: int, joint_epochs: int, finetune_epochs: int, **config) -> float:

@@ -63,6 +63,7 @@ class DemoSettings:
     joint_epochs: int = 3
     finetune_epochs: int = 2
     learning_rate: float = 3e-3
+    backbone_learning_rate: float | None = None
     finetune_learning_rate: float | None = None
     last_layer_correct_connection: float = 1.0
     mixup_alpha: float = 0.0
@@ -191,6 +192,7 @@ def run_protopool(settings: DemoSettings, output_dir: Path, save_pictures: bool 
         joint_epochs=settings.joint_epochs,
         finetune_epochs=settings.finetune_epochs,
         learning_rate=settings.learning_rate,
+        backbone_learning_rate=settings.backbone_learning_rate,
         finetune_learning_rate=settings.finetune_learning_rate,
         mixup_alpha=settings.mixup_alpha,
         gumbel_per_step=settings.gumbel_per_step,
@@ -303,8 +305,8 @@ def run_linear_baseline(settings: DemoSettings) -> dict[str, Any]:
     """The same backbone with timm's ordinary linear head, trained on the same images, size and epochs.
 
     It uses the whole backbone (`forward_features`, global pooling, classifier), the same augmentation and batch
-    size, `warmup_epochs + joint_epochs` epochs, and Adam with ProtoPool's learning rates (backbone lr/10,
-    classifier 3·lr).
+    size, `warmup_epochs + joint_epochs` epochs, and Adam with ProtoPool's learning rates (the backbone's
+    `backbone_learning_rate`, else lr/10; the classifier 3·lr, as ProtoPool's head).
     """
     import timm
     from tqdm.auto import tqdm
@@ -327,7 +329,7 @@ def run_linear_baseline(settings: DemoSettings) -> dict[str, Any]:
         [
             {
                 "params": [p for p in model.parameters() if id(p) not in classifier],
-                "lr": lr / 10,
+                "lr": settings.backbone_learning_rate or lr / 10,
                 "weight_decay": 1e-3,
             },
             {"params": list(model.get_classifier().parameters()), "lr": 3 * lr, "weight_decay": 1e-3},

@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--joint-epochs", type=int, default=21)
     recipe.add_argument("--finetune-epochs", type=int, default=25)
     recipe.add_argument("--lr", type=float, default=1e-3, help="base learning rate (head 3·lr, backbone lr/10)")
+    recipe.add_argument("--backbone-lr", type=float, help="backbone lr in the joint phase (default: lr/10)")
     recipe.add_argument("--finetune-lr", type=float, help="last-layer lr in fine-tuning (default: lr/10)")
     recipe.add_argument("--batch-size", type=int, default=80, help="per-device batch size")
     recipe.add_argument("--mixup-alpha", type=float, default=0.5, help="0 turns mixup off")
@@ -190,6 +191,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         joint_epochs=args.joint_epochs,
         finetune_epochs=args.finetune_epochs,
         learning_rate=args.lr,
+        backbone_learning_rate=args.backbone_lr,
         finetune_learning_rate=args.finetune_lr,
         train_batch_size=args.batch_size,
         eval_batch_size=args.batch_size,

@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,7 +137,11 @@ def set_trainable(model: nn.Module, phase: str) -> None:
 
 
 def protopool_param_groups(
-    model: nn.Module, lr: float, phase: str = "joint", weight_decay: float = 1e-3
+    model: nn.Module,
+    lr: float,
+    phase: str = "joint",
+    weight_decay: float = 1e-3,
+    group_lrs: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """The official optimizer parameter groups of a phase, for `torch.optim.Adam` (L2 weight decay).
 
@@ -154,6 +158,7 @@ def protopool_param_groups(
         lr: the base learning rate (1e-3 in the official code).
         phase: "warmup", "joint" or "finetune".
         weight_decay: the L2 weight decay of the decayed groups (1e-3 in the official code).
+        group_lrs: absolute learning rates that replace the table's for the named groups, e.g. `{"backbone": 1e-3}`.
 
     Returns:
         A list of `{"name", "params", "lr", "weight_decay"}` dicts (Adam keeps the extra "name" key).
@@ -177,14 +182,27 @@ def protopool_param_groups(
         raise ValueError(f"The learning rate must be > 0, got {lr}.")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
+    group_lrs = _check_group_lrs(group_lrs)
     named = _named_parameter_groups(model)
     groups = []
     for name in _PHASE_GROUPS[phase]:
         factor, decays = _GROUP_SETTINGS[name]
+        group_lr = group_lrs.get(name, lr * factor)
         groups.append(
-            {"name": name, "params": named[name], "lr": lr * factor, "weight_decay": weight_decay if decays else 0.0}
+            {"name": name, "params": named[name], "lr": group_lr, "weight_decay": weight_decay if decays else 0.0}
         )
     return groups
+
+
+def _check_group_lrs(group_lrs: Mapping[str, float] | None) -> dict[str, float]:
+    group_lrs = dict(group_lrs or {})
+    unknown = sorted(set(group_lrs) - set(_PARAMETER_GROUPS))
+    if unknown:
+        raise ValueError(f"group_lrs names unknown groups {unknown}: use any of {_PARAMETER_GROUPS}.")
+    bad = {name: value for name, value in group_lrs.items() if not value > 0}
+    if bad:
+        raise ValueError(f"group_lrs must be > 0, got {bad}.")
+    return group_lrs
 
 
 # --------------------------------------------------------------------------- schedule and mixup
@@ -283,6 +301,8 @@ class ProtoPoolTrainer(Trainer):
         loss_terms: the terms that make up the loss (default all; fine-tuning uses `("cross_entropy", "l1")`).
         lr_step_epochs: multiply the lr by `lr_step_gamma` every this many epochs (replaces `lr_scheduler_type`).
         lr_step_gamma: the factor of that decay.
+        group_lrs: absolute learning rates of named parameter groups that replace the official factors of
+            `args.learning_rate` (see `protopool_param_groups`), e.g. `{"backbone": 1e-3}`.
         **kwargs: `Trainer`'s keyword arguments.
 
     Example:
@@ -320,8 +340,10 @@ class ProtoPoolTrainer(Trainer):
         loss_terms: Sequence[str] | None = None,
         lr_step_epochs: int | None = None,
         lr_step_gamma: float = 0.1,
+        group_lrs: Mapping[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
+        group_lrs = _check_group_lrs(group_lrs)
         if mixup_alpha < 0:
             raise ValueError(f"mixup_alpha must be >= 0 (0 turns mixup off), got {mixup_alpha}.")
         if phase is not None:
@@ -341,6 +363,7 @@ class ProtoPoolTrainer(Trainer):
         self.loss_term_names = tuple(loss_terms) if loss_terms is not None else None
         self.lr_step_epochs = lr_step_epochs
         self.lr_step_gamma = float(lr_step_gamma)
+        self.group_lrs = group_lrs
         self._update_steps_per_epoch: int | None = None
         self._mixup_step = -1
         self._mixup_micro = 0
@@ -350,9 +373,11 @@ class ProtoPoolTrainer(Trainer):
 
     # ---------------------------------------------------------------- optimizer and scheduler
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """With a `phase`: Adam over `protopool_param_groups(model, args.learning_rate, phase, args.weight_decay)`."""
+        """With a `phase`: Adam over `protopool_param_groups(model, args.learning_rate, phase, ..., group_lrs)`."""
         if self.optimizer is None and self.phase is not None:
-            groups = protopool_param_groups(self.model, self.args.learning_rate, self.phase, self.args.weight_decay)
+            groups = protopool_param_groups(
+                self.model, self.args.learning_rate, self.phase, self.args.weight_decay, self.group_lrs
+            )
             self.optimizer = torch.optim.Adam(groups)
         return super().create_optimizer(model)
 
@@ -498,8 +523,8 @@ class ProtoPoolRecipe:
         joint_epochs: epochs training everything but the last layer.
         finetune_epochs: last-layer epochs after the projection (the official 25).
         learning_rate: the base lr; groups use 3·lr (head) and lr/10 (backbone, last layer).
-        finetune_learning_rate: the last layer's lr in fine-tuning; None: the official `learning_rate / 10`. (That
-            phase's Trainer gets 10× this as its base lr, so its only group, the last layer, trains at exactly it.)
+        backbone_learning_rate: the backbone's lr in the joint phase; None: the official `learning_rate / 10`.
+        finetune_learning_rate: the last layer's lr in fine-tuning; None: the official `learning_rate / 10`.
         weight_decay: L2 weight decay of the add-on, backbone and last layer.
         joint_lr_step_epochs: the joint phase's StepLR step, in epochs (5).
         joint_lr_gamma: the joint phase's StepLR factor (0.1).
@@ -544,6 +569,7 @@ class ProtoPoolRecipe:
     joint_epochs: int = 21
     finetune_epochs: int = 25
     learning_rate: float = 1e-3
+    backbone_learning_rate: float | None = None
     finetune_learning_rate: float | None = None
     weight_decay: float = 1e-3
     joint_lr_step_epochs: int = 5
@@ -585,8 +611,9 @@ class ProtoPoolRecipe:
         for name in ("learning_rate", "joint_lr_gamma", "finetune_lr_gamma"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}.")
-        if self.finetune_learning_rate is not None and not self.finetune_learning_rate > 0:
-            raise ValueError(f"finetune_learning_rate must be > 0 or None, got {self.finetune_learning_rate!r}.")
+        for name in ("backbone_learning_rate", "finetune_learning_rate"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 or None, got {getattr(self, name)!r}.")
         for name in (
             "joint_lr_step_epochs", "finetune_lr_step_epochs", "train_batch_size", "eval_batch_size",
             "projection_batch_size", "gradient_accumulation_steps", "logging_steps",
@@ -616,12 +643,14 @@ class ProtoPoolRecipe:
         offsets = {"warmup": 0, "joint": self.warmup_epochs, "finetune": self.warmup_epochs + self.joint_epochs}
         return offsets[phase]
 
-    def phase_learning_rate(self, phase: str) -> float:
-        """The base lr of a phase's Trainer (its groups scale it as `protopool_param_groups` says)."""
+    def phase_group_lrs(self, phase: str) -> dict[str, float]:
+        """The absolute group learning rates of a phase that replace the official factors (`ProtoPoolTrainer`)."""
         _check_phase(phase)
+        if phase == "joint" and self.backbone_learning_rate is not None:
+            return {"backbone": self.backbone_learning_rate}
         if phase == "finetune" and self.finetune_learning_rate is not None:
-            return 10 * self.finetune_learning_rate  # the last layer's group runs at lr/10
-        return self.learning_rate
+            return {"last_layer": self.finetune_learning_rate}
+        return {}
 
     def training_arguments(self, phase: str, evaluate: bool = True) -> TrainingArguments:
         """The `TrainingArguments` of a phase (its folder is `output_dir/<phase>`).
@@ -639,7 +668,7 @@ class ProtoPoolRecipe:
             "per_device_train_batch_size": self.train_batch_size,
             "per_device_eval_batch_size": self.eval_batch_size,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
-            "learning_rate": self.phase_learning_rate(phase),
+            "learning_rate": self.learning_rate,
             "weight_decay": self.weight_decay,  # of the decayed groups only (protopool_param_groups)
             "lr_scheduler_type": "constant",
             "max_grad_norm": 0.0,  # the official code does not clip gradients
@@ -853,7 +882,8 @@ def train_protopool(
     """Run the whole ProtoPool recipe with `Trainer`: warm-up, joint, projection, last-layer fine-tuning.
 
     1. **warm-up** (`recipe.warmup_epochs`): backbone and last layer frozen; add-on, prototypes, slot logits train.
-    2. **joint** (`recipe.joint_epochs`): a fresh `Trainer` and Adam; the backbone trains at lr/10; StepLR(5, 0.1).
+    2. **joint** (`recipe.joint_epochs`): a fresh `Trainer` and Adam; the backbone trains at lr/10 (or
+       `recipe.backbone_learning_rate`); StepLR(5, 0.1).
        With an evaluation split, the best epoch on it is kept (`load_best_model_at_end`).
     3. **projection**: each prototype moves onto its nearest latent patch of `projection_dataset` (the training
        images with the *eval* transform); the assignment becomes hard.
@@ -1054,6 +1084,7 @@ def _run_phase(
         loss_terms=("cross_entropy", "l1") if phase == "finetune" else None,
         lr_step_epochs=lr_step[0],
         lr_step_gamma=lr_step[1],
+        group_lrs=recipe.phase_group_lrs(phase),
     )
     trainer.train(resume_from_checkpoint=checkpoint)
     metrics = trainer.evaluate() if evaluate and args.eval_strategy != "no" else {}

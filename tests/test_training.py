@@ -332,19 +332,34 @@ def test_recipe_checks_its_arguments(tmp_path: Path):
         train_protopool(model, [{}], None, [{}], recipe, resume_from_checkpoint=str(tmp_path / "joint" / "nope"))
     with pytest.raises(ValueError, match="finetune_learning_rate must be > 0"):
         ProtoPoolRecipe(finetune_learning_rate=0.0)
+    with pytest.raises(ValueError, match="backbone_learning_rate must be > 0"):
+        ProtoPoolRecipe(backbone_learning_rate=-1e-4)
 
 
-def test_finetune_learning_rate_sets_the_last_layer_lr_only(tmp_path: Path):
+def test_backbone_and_finetune_learning_rates_replace_only_their_groups(tmp_path: Path):
     model = tiny_model()
-    recipe = ProtoPoolRecipe(output_dir=str(tmp_path), use_cpu=True, learning_rate=1e-3, finetune_learning_rate=0.02)
-    assert recipe.training_arguments("joint").learning_rate == 1e-3
-    assert recipe.training_arguments("warmup").learning_rate == 1e-3
-    finetune = ProtoPoolTrainer(model=model, args=recipe.training_arguments("finetune", False), phase="finetune")
-    groups = finetune.create_optimizer().param_groups
-    assert [(g["name"], g["lr"]) for g in groups] == [("last_layer", pytest.approx(0.02))]
+    recipe = ProtoPoolRecipe(
+        output_dir=str(tmp_path), use_cpu=True, learning_rate=1e-3, backbone_learning_rate=5e-4,
+        finetune_learning_rate=0.02,
+    )  # fmt: skip
+    expected = {
+        "warmup": [("add_on", 3e-3), ("prototypes", 3e-3), ("slot_logits", 3e-3)],
+        "joint": [("backbone", 5e-4), ("add_on", 3e-3), ("prototypes", 3e-3), ("slot_logits", 3e-3)],
+        "finetune": [("last_layer", 0.02)],
+    }
+    for phase, groups in expected.items():
+        trainer = ProtoPoolTrainer(
+            model=model, args=recipe.training_arguments(phase, False), phase=phase,
+            group_lrs=recipe.phase_group_lrs(phase),
+        )  # fmt: skip
+        got = [(g["name"], g["lr"]) for g in trainer.create_optimizer().param_groups]
+        assert got == [(name, pytest.approx(lr)) for name, lr in groups]
     official = ProtoPoolRecipe(output_dir=str(tmp_path), use_cpu=True, learning_rate=1e-3)
-    finetune = ProtoPoolTrainer(model=model, args=official.training_arguments("finetune", False), phase="finetune")
-    assert finetune.create_optimizer().param_groups[0]["lr"] == pytest.approx(1e-4)
+    assert official.phase_group_lrs("joint") == official.phase_group_lrs("finetune") == {}
+    with pytest.raises(ValueError, match="unknown groups \\['head'\\]"):
+        protopool_param_groups(model, 1e-3, "joint", group_lrs={"head": 1.0})
+    with pytest.raises(ValueError, match="group_lrs must be > 0"):
+        ProtoPoolTrainer(model=model, args=official.training_arguments("joint", False), group_lrs={"backbone": 0})
 
 
 def recipe_on_fashion_mnist(tmp_path: Path, n_train: int, joint_epochs: int, finetune_epochs: int, **config) -> float:

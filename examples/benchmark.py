@@ -667,6 +667,7 @@ def bench_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     settings = demo.quick_settings() if args.quick else demo.DemoSettings()
     if args.train_images:
         settings.train_images = args.train_images
+    demo.apply_overrides(settings, args.set)
     torch.set_num_threads(args.threads)
     if args.protopool_metrics:
         # Reuse a finished demo run (its metrics.json) instead of training ProtoPool again: same settings only.
@@ -740,6 +741,13 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("accuracy", help="ProtoPool vs the plain timm head on Fashion-MNIST (same budget)")
     common(p, "accuracy", threads=os.cpu_count() or 1)
     p.add_argument("--train-images", type=int, default=None, help="override the demo's training subset size")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a demo setting, as examples/demo.py",
+    )
     p.add_argument(
         "--protopool-metrics",
         default=None,

@@ -72,6 +72,10 @@ FIELDS = {
     "separation_weight": POSITIVE_FLOAT,
     "orthogonality_weight": POSITIVE_FLOAT,
     "l1_weight": POSITIVE_FLOAT,
+    "last_layer_correct_connection": st.one_of(
+        st.floats(-20, 20), st.sampled_from([float("inf"), float("nan")]), JUNK
+    ),
+    "last_layer_incorrect_connection": st.one_of(st.floats(-20, 20), st.sampled_from([float("-inf")]), JUNK),
     "input_size": st.one_of(st.lists(st.integers(-1, 300), min_size=3, max_size=3), JUNK),
     "image_mean": RGB,
     "image_std": RGB,

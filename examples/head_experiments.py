@@ -95,15 +95,7 @@ def run_head(features: dict, settings: HeadSettings) -> dict:
     """Train, project and fine-tune one ProtoPool head on cached features; return the test accuracies."""
     from protopool_hf.callbacks import gumbel_scale_at
     from protopool_hf.layers import ProtoPoolHead, squared_l2_distances
-    from protopool_hf.losses import (
-        LossWeights,
-        cluster_loss,
-        l1_off_class_loss,
-        mixup_cross_entropy,
-        orthogonality_loss,
-        separation_loss,
-        weighted_total,
-    )
+    from protopool_hf.losses import LossWeights, all_loss_terms, l1_off_class_loss, weighted_total
 
     s = settings
     torch.manual_seed(s.seed)
@@ -147,14 +139,10 @@ def run_head(features: dict, settings: HeadSettings) -> dict:
                 mix = torch.randperm(len(index), generator=generator)
                 x, y_b = lam * x + (1 - lam) * x[mix], y[mix]
             out = head(x)
-            assigned = out.slot_assignment[y]
-            terms = {
-                "cross_entropy": mixup_cross_entropy(out.logits, y, y_b, lam),
-                "cluster": cluster_loss(out.min_distances, assigned, s.num_slots_per_class),
-                "separation": separation_loss(out.min_distances, assigned, s.num_slots_per_class),
-                "orthogonality": orthogonality_loss(head.slot_logits),
-                "l1": l1_off_class_loss(head.last_layer.weight, s.num_slots_per_class),
-            }
+            terms = all_loss_terms(
+                out.logits, out.min_distances, out.slot_assignment, head.slot_logits, head.last_layer.weight, y,
+                y_b, lam,
+            )  # fmt: skip
             optimizer.zero_grad()
             weighted_total(terms, weights).backward()
             optimizer.step()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 __all__ = [
     "LOSS_TERM_NAMES",
     "LossWeights",
+    "all_loss_terms",
     "cluster_loss",
     "l1_off_class_loss",
     "mixup_cross_entropy",
@@ -115,6 +116,42 @@ def mixup_cross_entropy(
     if labels_b is None or lam == 1.0:
         return loss
     return lam * loss + (1 - lam) * F.cross_entropy(logits, labels_b)
+
+
+def all_loss_terms(
+    logits: torch.Tensor,
+    min_distances: torch.Tensor,
+    slot_assignment: torch.Tensor,
+    slot_logits: torch.Tensor,
+    last_layer_weight: torch.Tensor,
+    labels: torch.Tensor,
+    labels_b: torch.Tensor | None = None,
+    lam: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """The five unweighted terms of one forward pass, as the official code computes them.
+
+    Args:
+        logits: `(N, C)`.
+        min_distances: `(N, P)` each prototype's smallest distance over the map.
+        slot_assignment: `(C, P, S)` the assignment used in the forward pass.
+        slot_logits: `(C, P, S)` the raw logits Θ (orthogonality).
+        last_layer_weight: `(C, C·S)` (L1).
+        labels: `(N,)` class indices of the original (unmixed) images: cluster and separation use them.
+        labels_b: `(N,)` the second labels of a mixup batch; CE is then λ·CE(y_a) + (1 − λ)·CE(y_b).
+        lam: the mixup coefficient λ.
+
+    Returns:
+        `{"cross_entropy", "cluster", "separation", "orthogonality", "l1"}` scalars.
+    """
+    num_slots = slot_logits.shape[2]
+    class_assignment = slot_assignment[labels]  # (N, P, S)
+    return {
+        "cross_entropy": mixup_cross_entropy(logits, labels, labels_b, lam),
+        "cluster": cluster_loss(min_distances, class_assignment, num_slots),
+        "separation": separation_loss(min_distances, class_assignment, num_slots),
+        "orthogonality": orthogonality_loss(slot_logits),
+        "l1": l1_off_class_loss(last_layer_weight, num_slots),
+    }
 
 
 def weighted_total(terms: dict[str, torch.Tensor], weights: LossWeights) -> torch.Tensor:

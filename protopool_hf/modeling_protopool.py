@@ -23,15 +23,7 @@ from transformers.utils import ModelOutput
 from .backbone import backbone_feature_map, create_backbone, feature_channels
 from .configuration_protopool import ProtoPoolConfig
 from .layers import HeadOutput, ProtoPoolHead, squared_l2_distances
-from .losses import (
-    LossWeights,
-    cluster_loss,
-    l1_off_class_loss,
-    mixup_cross_entropy,
-    orthogonality_loss,
-    separation_loss,
-    weighted_total,
-)
+from .losses import LossWeights, all_loss_terms, weighted_total
 
 
 __all__ = ["ProtoPoolForImageClassification", "ProtoPoolOutput", "ProtoPoolPreTrainedModel", "image_processor_dict"]
@@ -276,15 +268,11 @@ class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
             `{"cross_entropy", "cluster", "separation", "orthogonality", "l1"}` scalars.
         """
         labels = self._check_labels(labels)
-        num_slots = self.config.num_slots_per_class
-        class_assignment = outputs.slot_assignment[labels]  # (N, P, S)
-        return {
-            "cross_entropy": mixup_cross_entropy(outputs.logits, labels, labels_b, lam),
-            "cluster": cluster_loss(outputs.min_distances, class_assignment, num_slots),
-            "separation": separation_loss(outputs.min_distances, class_assignment, num_slots),
-            "orthogonality": orthogonality_loss(self.head.slot_logits),
-            "l1": l1_off_class_loss(self.head.last_layer.weight, num_slots),
-        }
+        head = self.head
+        return all_loss_terms(
+            outputs.logits, outputs.min_distances, outputs.slot_assignment, head.slot_logits,
+            head.last_layer.weight, labels, labels_b, lam,
+        )  # fmt: skip
 
     def _check_labels(self, labels: torch.Tensor) -> torch.Tensor:
         labels = torch.as_tensor(labels, device=self.head.prototypes.device).long()

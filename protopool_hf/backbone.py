@@ -14,11 +14,13 @@ by `nn.Identity`, so every trainable parameter gets a gradient and DDP needs no 
 modules are unused is found by a forward and backward pass on the meta device, which costs no compute.
 """
 
+from typing import Any
+
 import torch
 from torch import nn
 
 
-__all__ = ["backbone_feature_map", "create_backbone", "feature_channels"]
+__all__ = ["backbone_feature_map", "create_backbone", "feature_channels", "leading_stage_parameters"]
 
 
 def create_backbone(
@@ -27,7 +29,7 @@ def create_backbone(
     pretrained: bool = False,
     feature_stage: int | None = None,
     input_size: tuple[int, int, int] | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> nn.Module:
     """Create a timm model as a feature extractor, with the modules its features never use removed.
 
@@ -66,6 +68,53 @@ def feature_channels(model: nn.Module, feature_stage: int | None = None) -> int:
     if feature_stage is None:
         return int(model.num_features)
     return int(model.feature_info[_stage_index(model, feature_stage)]["num_chs"])
+
+
+def leading_stage_parameters(model: nn.Module, num_stages: int) -> list[str]:
+    """Names of the parameters of the stem and the first `num_stages` stages (timm's `feature_info`).
+
+    Stage k is `feature_info[k]`, as in `feature_stage`; the parameters registered before stage 0's module (a CNN's
+    stem, a ViT's patch and position embeddings) belong to stage 0. Used to freeze the early, generic layers.
+
+    Args:
+        model: a model from `create_backbone`.
+        num_stages: how many stages, from the first; 0 gives no names.
+
+    Returns:
+        Parameter names of `model`, in registration order.
+
+    Example:
+        ```python
+        >>> from protopool_hf.backbone import create_backbone, leading_stage_parameters
+        >>> backbone = create_backbone("test_resnet")
+        >>> names = leading_stage_parameters(backbone, 1)  # the stem: stage 0 of a ResNet is its stem's activation
+        >>> names[0], names[-1], len(names)
+        ('conv1.0.weight', 'bn1.bias', 9)
+        ```
+    """
+    stages = len(model.feature_info)
+    if isinstance(num_stages, bool) or not isinstance(num_stages, int) or not 0 <= num_stages <= stages:
+        raise ValueError(
+            f"The number of leading stages must be an int in 0..{stages} for this backbone, got {num_stages!r}."
+        )
+    if num_stages == 0:
+        return []
+    last = model.feature_info[num_stages - 1]["module"]
+    names: list[str] = []
+    seen_last = False
+    for module_name, module in model.named_modules():  # pre-order: the registration (and forward) order of timm models
+        inside_last = module_name == last or module_name.startswith(last + ".")
+        if seen_last and not inside_last:
+            break
+        seen_last = seen_last or inside_last
+        prefix = f"{module_name}." if module_name else ""
+        names.extend(prefix + name for name, _ in module.named_parameters(recurse=False))
+    if not seen_last:
+        raise ValueError(
+            f"{type(model).__name__} has no module {last!r} (its feature_info[{num_stages - 1}]): a backbone cut at "
+            "`feature_stage` has only the stages up to that one."
+        )
+    return names
 
 
 def backbone_feature_map(

@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--lr", type=float, default=1e-3, help="base learning rate (head 3·lr, backbone lr/10)")
     recipe.add_argument("--backbone-lr", type=float, help="backbone lr in the joint phase (default: lr/10)")
     recipe.add_argument("--finetune-lr", type=float, help="last-layer lr in fine-tuning (default: lr/10)")
+    recipe.add_argument(
+        "--frozen-backbone-stages",
+        type=int,
+        default=0,
+        help="keep the backbone's stem and this many first stages frozen in the joint phase (default 0: train all)",
+    )
     recipe.add_argument("--batch-size", type=int, default=80, help="per-device batch size")
     recipe.add_argument("--mixup-alpha", type=float, default=0.5, help="0 turns mixup off")
     recipe.add_argument("--gumbel-per-step", action="store_true", help="update the Gumbel scale every step")
@@ -192,6 +198,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         finetune_epochs=args.finetune_epochs,
         learning_rate=args.lr,
         backbone_learning_rate=args.backbone_lr,
+        frozen_backbone_stages=args.frozen_backbone_stages,
         finetune_learning_rate=args.finetune_lr,
         train_batch_size=args.batch_size,
         eval_batch_size=args.batch_size,

@@ -36,6 +36,7 @@ from torch import nn
 from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from .backbone import leading_stage_parameters
 from .callbacks import (
     GumbelScheduleCallback,
     SetEpochCallback,
@@ -109,7 +110,7 @@ def _named_parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return groups
 
 
-def set_trainable(model: nn.Module, phase: str) -> None:
+def set_trainable(model: nn.Module, phase: str, frozen_backbone_stages: int = 0) -> None:
     """Make exactly the parameters of `phase` trainable (`requires_grad`), every other parameter frozen.
 
     Call it before a `Trainer` wraps the model (`ProtoPoolTrainer(phase=...)` does): "warmup" trains the add-on,
@@ -118,6 +119,8 @@ def set_trainable(model: nn.Module, phase: str) -> None:
     Args:
         model: a `ProtoPoolForImageClassification`.
         phase: "warmup", "joint" or "finetune".
+        frozen_backbone_stages: keep the stem and this many leading backbone stages frozen even when the phase
+            trains the backbone (see `protopool_hf.backbone.leading_stage_parameters`); 0 (official) trains it all.
 
     Example:
         ```python
@@ -131,9 +134,11 @@ def set_trainable(model: nn.Module, phase: str) -> None:
         ```
     """
     _check_phase(phase)
+    frozen = set(leading_stage_parameters(model.backbone, frozen_backbone_stages))
+    frozen_ids = {id(p) for name, p in model.backbone.named_parameters() if name in frozen}
     for name, params in _named_parameter_groups(model).items():
         for param in params:
-            param.requires_grad_(name in _PHASE_GROUPS[phase])
+            param.requires_grad_(name in _PHASE_GROUPS[phase] and id(param) not in frozen_ids)
 
 
 def protopool_param_groups(
@@ -303,6 +308,8 @@ class ProtoPoolTrainer(Trainer):
         lr_step_gamma: the factor of that decay.
         group_lrs: absolute learning rates of named parameter groups that replace the official factors of
             `args.learning_rate` (see `protopool_param_groups`), e.g. `{"backbone": 1e-3}`.
+        frozen_backbone_stages: with a `phase`, keep the backbone's stem and this many leading stages frozen
+            (see `set_trainable`); 0, the official choice, trains the whole backbone in the joint phase.
         **kwargs: `Trainer`'s keyword arguments.
 
     Example:
@@ -341,6 +348,7 @@ class ProtoPoolTrainer(Trainer):
         lr_step_epochs: int | None = None,
         lr_step_gamma: float = 0.1,
         group_lrs: Mapping[str, float] | None = None,
+        frozen_backbone_stages: int = 0,
         **kwargs: Any,
     ) -> None:
         group_lrs = _check_group_lrs(group_lrs)
@@ -348,6 +356,8 @@ class ProtoPoolTrainer(Trainer):
             raise ValueError(f"mixup_alpha must be >= 0 (0 turns mixup off), got {mixup_alpha}.")
         if phase is not None:
             _check_phase(phase)
+        if frozen_backbone_stages and phase is None:
+            raise ValueError("frozen_backbone_stages acts through `phase`: pass phase='joint' as well.")
         if loss_terms is not None:
             unknown = sorted(set(loss_terms) - set(LOSS_TERM_NAMES))
             if unknown or not loss_terms:
@@ -368,8 +378,9 @@ class ProtoPoolTrainer(Trainer):
         self._mixup_step = -1
         self._mixup_micro = 0
         self._term_sums = {"train": self._zero_terms(), "eval": self._zero_terms()}
+        self.frozen_backbone_stages = frozen_backbone_stages
         if phase is not None:
-            set_trainable(self.model, phase)
+            set_trainable(self.model, phase, frozen_backbone_stages)
 
     # ---------------------------------------------------------------- optimizer and scheduler
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -524,6 +535,8 @@ class ProtoPoolRecipe:
         finetune_epochs: last-layer epochs after the projection (the official 25).
         learning_rate: the base lr; groups use 3·lr (head) and lr/10 (backbone, last layer).
         backbone_learning_rate: the backbone's lr in the joint phase; None: the official `learning_rate / 10`.
+        frozen_backbone_stages: keep the backbone's stem and this many leading stages (timm's `feature_info`)
+            frozen in the joint phase, which saves their backward pass; 0 (official) trains the whole backbone.
         finetune_learning_rate: the last layer's lr in fine-tuning; None: the official `learning_rate / 10`.
         weight_decay: L2 weight decay of the add-on, backbone and last layer.
         joint_lr_step_epochs: the joint phase's StepLR step, in epochs (5).
@@ -570,6 +583,7 @@ class ProtoPoolRecipe:
     finetune_epochs: int = 25
     learning_rate: float = 1e-3
     backbone_learning_rate: float | None = None
+    frozen_backbone_stages: int = 0
     finetune_learning_rate: float | None = None
     weight_decay: float = 1e-3
     joint_lr_step_epochs: int = 5
@@ -601,7 +615,7 @@ class ProtoPoolRecipe:
 
     def __post_init__(self) -> None:
         """Check every field; raise ValueError naming the field."""
-        for name in ("warmup_epochs", "joint_epochs", "finetune_epochs"):
+        for name in ("warmup_epochs", "joint_epochs", "finetune_epochs", "frozen_backbone_stages"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}.")
         if self.warmup_epochs + self.joint_epochs < 1:
@@ -883,7 +897,8 @@ def train_protopool(
 
     1. **warm-up** (`recipe.warmup_epochs`): backbone and last layer frozen; add-on, prototypes, slot logits train.
     2. **joint** (`recipe.joint_epochs`): a fresh `Trainer` and Adam; the backbone trains at lr/10 (or
-       `recipe.backbone_learning_rate`); StepLR(5, 0.1).
+       `recipe.backbone_learning_rate`; its stem and first `recipe.frozen_backbone_stages` stages stay frozen);
+       StepLR(5, 0.1).
        With an evaluation split, the best epoch on it is kept (`load_best_model_at_end`).
     3. **projection**: each prototype moves onto its nearest latent patch of `projection_dataset` (the training
        images with the *eval* transform); the assignment becomes hard.
@@ -944,6 +959,10 @@ def train_protopool(
         ("projection_dataset", projection_dataset),
     ):
         _check_class_names(model.config, dataset, argument)
+    try:  # fail before the warm-up, not when the joint phase starts
+        leading_stage_parameters(model.backbone, recipe.frozen_backbone_stages)
+    except ValueError as error:
+        raise ValueError(f"ProtoPoolRecipe.frozen_backbone_stages={recipe.frozen_backbone_stages}: {error}") from None
     output_dir = Path(recipe.output_dir)
     data_collator = data_collator or collate_fn
     evaluate = eval_dataset is not None
@@ -1085,6 +1104,7 @@ def _run_phase(
         lr_step_epochs=lr_step[0],
         lr_step_gamma=lr_step[1],
         group_lrs=recipe.phase_group_lrs(phase),
+        frozen_backbone_stages=recipe.frozen_backbone_stages,
     )
     trainer.train(resume_from_checkpoint=checkpoint)
     metrics = trainer.evaluate() if evaluate and args.eval_strategy != "no" else {}

@@ -45,7 +45,7 @@ def test_train_then_explain_on_fashion_mnist(tmp_path, capsys):
     args += ["--num-slots", "2", "--prototype-dim", "16", "--warmup-epochs", "1", "--joint-epochs", "1"]
     args += ["--finetune-epochs", "1", "--batch-size", "32", "--cpu", "--output-dir", str(out)]
     args += ["--cluster-weight", "0.2", "--separation-weight", "0.02", "--last-layer-connection", "10"]
-    args += ["--finetune-lr", "0.01", "--backbone-lr", "0.002"]
+    args += ["--finetune-lr", "0.01", "--backbone-lr", "0.002", "--frozen-backbone-stages", "1"]
     assert main(args) == 0
     files = {path.name for path in out.iterdir()}
     assert {"config.json", "model.safetensors", "README.md", "prototypes", "preprocessor_config.json"} <= files
@@ -55,6 +55,7 @@ def test_train_then_explain_on_fashion_mnist(tmp_path, capsys):
     assert config["last_layer_correct_connection"] == 10.0
     recipe = json.loads((out / "protopool_recipe.json").read_text())
     assert (recipe["finetune_learning_rate"], recipe["backbone_learning_rate"]) == (0.01, 0.002)
+    assert recipe["frozen_backbone_stages"] == 1
     assert (out / "prototypes" / "gallery.png").is_file()
     printed = capsys.readouterr().out
     assert '"test_accuracy"' in printed

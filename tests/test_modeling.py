@@ -11,6 +11,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification, pipeline
 
 from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification, ProtoPoolOutput
+from protopool_hf.backbone import leading_stage_parameters
 
 
 TINY = {"num_labels": 3, "num_prototypes": 6, "num_slots_per_class": 2, "prototype_dim": 8}
@@ -69,6 +70,31 @@ def test_earlier_feature_stage_gives_a_larger_map_and_drops_later_stages():
     assert all(p.grad is not None for p in early.parameters() if p.requires_grad)
     with pytest.raises(ValueError, match="`feature_stage`=7 is out of range for this backbone, which has 4 stages"):
         tiny_model("test_convnext", feature_stage=7)
+
+
+@pytest.mark.parametrize("backbone", TEST_BACKBONES)
+def test_leading_stages_are_exactly_what_each_stage_map_depends_on(backbone):
+    model = tiny_model(backbone)
+    net = model.backbone
+    params = dict(net.named_parameters())
+    for stages in range(1, len(net.feature_info) + 1):
+        net.zero_grad()
+        maps = net.forward_intermediates(
+            torch.randn(2, *model.config.input_size), indices=[stages - 1], intermediates_only=True
+        )
+        maps[-1].sum().backward()
+        used = [name for name, param in params.items() if param.grad is not None]
+        assert leading_stage_parameters(net, stages) == used, f"{backbone}: stages 0..{stages - 1}"
+    assert leading_stage_parameters(net, 0) == []
+    with pytest.raises(ValueError, match=f"an int in 0..{len(net.feature_info)} for this backbone, got 99"):
+        leading_stage_parameters(net, 99)
+
+
+def test_leading_stages_of_a_cut_backbone_stop_at_its_feature_stage():
+    model = tiny_model("test_convnext", feature_stage=1)
+    assert leading_stage_parameters(model.backbone, 2) == [name for name, _ in model.backbone.named_parameters()]
+    with pytest.raises(ValueError, match="has only the stages up to that one"):
+        leading_stage_parameters(model.backbone, 3)
 
 
 def test_model_builds_under_no_grad():

@@ -16,6 +16,7 @@ import torch
 from transformers import TrainerCallback
 
 from protopool_hf import ProtoPoolForImageClassification
+from protopool_hf.backbone import leading_stage_parameters
 from protopool_hf.callbacks import GumbelScheduleCallback
 from protopool_hf.data import collate_fn
 from protopool_hf.losses import LOSS_TERM_NAMES, weighted_total
@@ -360,6 +361,43 @@ def test_backbone_and_finetune_learning_rates_replace_only_their_groups(tmp_path
         protopool_param_groups(model, 1e-3, "joint", group_lrs={"head": 1.0})
     with pytest.raises(ValueError, match="group_lrs must be > 0"):
         ProtoPoolTrainer(model=model, args=official.training_arguments("joint", False), group_lrs={"backbone": 0})
+
+
+def test_frozen_backbone_stages_keep_the_stem_and_first_stages_fixed_in_the_joint_phase(tmp_path: Path):
+    config = tiny_config(feature_stage=2, input_size=[3, 32, 32])
+    train, _, _ = fashion_mnist(config, n_train=16)
+    model = ProtoPoolForImageClassification(config)
+    stem = {f"backbone.{name}" for name in leading_stage_parameters(model.backbone, 1)}
+    assert stem == {
+        name for name, _ in model.named_parameters() if name.startswith(("backbone.conv1", "backbone.bn1"))
+    }
+    frozen = {f"backbone.{name}" for name in leading_stage_parameters(model.backbone, 2)}
+    assert stem < frozen and any(name.startswith("backbone.layer1.") for name in frozen)
+    start = snapshot(model)
+    trainer = ProtoPoolTrainer(
+        model=model, args=trainer_args(tmp_path), train_dataset=train, data_collator=collate_fn,
+        callbacks=[GumbelScheduleCallback()], phase="joint", frozen_backbone_stages=2,
+    )  # fmt: skip
+    assert {name for name, p in model.named_parameters() if not p.requires_grad} == frozen | {"head.last_layer.weight"}
+    trainer.train()
+    moved = changed(start, snapshot(model))
+    backbone = {name for name, _ in model.named_parameters() if name.startswith("backbone.")}
+    assert not moved & frozen, "a frozen stage changed"
+    assert backbone - frozen <= moved  # layer2 trains
+    assert (
+        "backbone.bn1.running_mean" in moved
+    )  # frozen stages still update their BatchNorm statistics, as the warm-up
+
+    set_trainable(model, "warmup", frozen_backbone_stages=2)  # the warm-up and fine-tuning freeze the backbone anyway
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    with pytest.raises(ValueError, match="pass phase='joint' as well"):
+        ProtoPoolTrainer(model=model, args=trainer_args(tmp_path), frozen_backbone_stages=1)
+    with pytest.raises(ValueError, match="frozen_backbone_stages must be an int >= 0"):
+        ProtoPoolRecipe(frozen_backbone_stages=-1)
+    recipe = ProtoPoolRecipe(output_dir=str(tmp_path / "run"), use_cpu=True, frozen_backbone_stages=9)
+    with pytest.raises(ValueError, match="frozen_backbone_stages=9: The number of leading stages must be an int in"):
+        train_protopool(model, train, None, train, recipe)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def recipe_on_fashion_mnist(tmp_path: Path, n_train: int, joint_epochs: int, finetune_epochs: int, **config) -> float:

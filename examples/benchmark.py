@@ -682,13 +682,14 @@ def bench_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     else:
         out = Path(args.output).parent / "accuracy-run"
         protopool = demo.run_protopool(settings, out, save_pictures=False)
-    plain = demo.run_linear_baseline(settings)
-    rows = [
-        ["ProtoPool", protopool["test_accuracy"], protopool["prototypes_used"], protopool["train_seconds"]],
-        ["timm linear head", plain["test_accuracy"], "-", plain["train_seconds"]],
-    ]
+    rows = [["ProtoPool", protopool["test_accuracy"], protopool["prototypes_used"], protopool["train_seconds"]]]
+    baselines = {}
+    for baseline in args.baselines:
+        baselines[baseline] = result = demo.run_linear_baseline(settings, at_feature_stage=baseline == "stage")
+        name = "timm linear head" if baseline == "timm" else f"linear head on stage {settings.feature_stage} (pooled)"
+        rows.append([name, result["test_accuracy"], "-", result["train_seconds"]])
     print_table(
-        f"accuracy on the Fashion-MNIST test split ({plain['test_images']} images): {settings.backbone}, "
+        f"accuracy on the Fashion-MNIST test split ({protopool['test_images']} images): {settings.backbone}, "
         f"{settings.image_size} px, {settings.train_images} training images, "
         f"{settings.warmup_epochs + settings.joint_epochs} epochs",
         ["model", "test accuracy", "prototypes used", "train s"],
@@ -697,8 +698,9 @@ def bench_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "settings": settings.to_dict(),
         "protopool": protopool,
-        "linear": plain,
-        "gap_points": 100 * (plain["test_accuracy"] - protopool["test_accuracy"]),
+        "linear": baselines.get("timm"),
+        "stage_linear": baselines.get("stage"),
+        "gap_points": {k: 100 * (v["test_accuracy"] - protopool["test_accuracy"]) for k, v in baselines.items()},
     }
 
 
@@ -752,6 +754,14 @@ def main(argv: list[str] | None = None) -> None:
         "--protopool-metrics",
         default=None,
         help="metrics.json of a finished `examples/demo.py` run with the same settings: reuse its ProtoPool result",
+    )
+    p.add_argument(
+        "--baselines",
+        nargs="+",
+        choices=("timm", "stage"),
+        default=["timm"],
+        help="timm: the whole timm model with its linear head; stage: a linear head on ProtoPool's own feature "
+        "stage, average-pooled (the gap that the head alone makes)",
     )
 
     p = sub.add_parser("_memory", help=argparse.SUPPRESS)

@@ -503,5 +503,6 @@ def test_two_process_ddp_recipe_keeps_replicas_equal(tmp_path: Path):
         assert checks["joint:start"]["equal"] and checks["recipe:end"]["equal"], checks
     assert reports[0]["final_checksum"] == reports[1]["final_checksum"]
     assert reports[0]["backbone_moved_in_joint"] and not reports[0]["backbone_moved_in_warmup"]
+    assert reports[0]["stem_moved_in_joint"] is False  # frozen_backbone_stages=1 keeps it fixed under DDP too
     model = ProtoPoolForImageClassification.from_pretrained(tmp_path / "run")
     assert model.is_assignment_hard

@@ -7,8 +7,8 @@ Started by tests/test_training.py::test_two_process_ddp_recipe_keeps_replicas_eq
 Every rank writes OUTPUT_DIR/rank<k>.json: the replica checks made inside the run (all ranks gather every parameter
 and buffer and compare them) when the joint phase starts and after its first step (right after the warm-up -> joint
 switch), at the end of every phase (inside `train`, where DDP leaves each rank its own BatchNorm statistics, so
-only the parameters must agree) and after the whole recipe; whether the backbone moved in each phase; a checksum of
-the final weights. The ranks start from differently initialised models: DDP's first wrap makes them equal.
+only the parameters must agree) and after the whole recipe; whether the backbone moved in each phase and whether
+its stem did (`frozen_backbone_stages=1` keeps it fixed); a checksum of the final weights. The ranks start from differently initialised models: DDP's first wrap makes them equal.
 """
 
 import hashlib
@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).parent))
 from protopool_tiny import fashion_mnist, tiny_config, tiny_model
 
+from protopool_hf.backbone import leading_stage_parameters
 from protopool_hf.training import ProtoPoolRecipe, finish_distributed, train_protopool
 
 
@@ -37,7 +38,9 @@ class ReplicaCheck(TrainerCallback):
     def __init__(self) -> None:
         self.checks: list[dict] = []
         self.backbone_moved: dict[str, bool] = {}
+        self.stem_moved: dict[str, bool] = {}
         self._backbone_start: torch.Tensor | None = None
+        self._stem_start: torch.Tensor | None = None
 
     def _compare(self, where: str, model: torch.nn.Module) -> None:
         state = model.state_dict()
@@ -62,6 +65,7 @@ class ReplicaCheck(TrainerCallback):
         if Path(args.output_dir).name == "joint":  # after the new Trainer has wrapped the model for the joint phase
             self._compare("joint:start", model)
         self._backbone_start = torch.cat([p.detach().flatten().clone() for p in model.backbone.parameters()])
+        self._stem_start = stem(model).clone()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if Path(args.output_dir).name == "joint" and state.global_step == 1:
@@ -72,6 +76,13 @@ class ReplicaCheck(TrainerCallback):
         self._compare(f"{phase}:end", model)
         backbone = torch.cat([p.detach().flatten() for p in model.backbone.parameters()])
         self.backbone_moved[phase] = not torch.equal(backbone, self._backbone_start)
+        self.stem_moved[phase] = not torch.equal(stem(model), self._stem_start)
+
+
+def stem(model: torch.nn.Module) -> torch.Tensor:
+    """The backbone's stem (frozen by `frozen_backbone_stages=1`), flattened."""
+    names = set(leading_stage_parameters(model.backbone, 1))
+    return torch.cat([p.detach().flatten() for n, p in model.backbone.named_parameters() if n in names])
 
 
 def main() -> None:
@@ -90,6 +101,7 @@ def main() -> None:
         use_cpu=True,
         disable_tqdm=True,
         logging_steps=1,
+        frozen_backbone_stages=1,
     )
     check = ReplicaCheck()
     result = train_protopool(tiny_model(seed=dist.get_rank() if dist.is_initialized() else 0), train, val, plain,
@@ -103,6 +115,7 @@ def main() -> None:
         "checks": check.checks,
         "backbone_moved_in_warmup": check.backbone_moved.get("warmup"),
         "backbone_moved_in_joint": check.backbone_moved.get("joint"),
+        "stem_moved_in_joint": check.stem_moved.get("joint"),
         "final_checksum": hashlib.sha256(final.numpy().tobytes()).hexdigest(),
     }
     (out / f"rank{rank}.json").write_text(json.dumps(report, indent=2))

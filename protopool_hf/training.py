@@ -134,8 +134,9 @@ def set_trainable(model: nn.Module, phase: str, frozen_backbone_stages: int = 0)
         ```
     """
     _check_phase(phase)
-    frozen = set(leading_stage_parameters(model.backbone, frozen_backbone_stages))
-    frozen_ids = {id(p) for name, p in model.backbone.named_parameters() if name in frozen}
+    frozen_ids = {
+        id(model.backbone.get_parameter(n)) for n in leading_stage_parameters(model.backbone, frozen_backbone_stages)
+    }
     for name, params in _named_parameter_groups(model).items():
         for param in params:
             param.requires_grad_(name in _PHASE_GROUPS[phase] and id(param) not in frozen_ids)
@@ -378,7 +379,6 @@ class ProtoPoolTrainer(Trainer):
         self._mixup_step = -1
         self._mixup_micro = 0
         self._term_sums = {"train": self._zero_terms(), "eval": self._zero_terms()}
-        self.frozen_backbone_stages = frozen_backbone_stages
         if phase is not None:
             set_trainable(self.model, phase, frozen_backbone_stages)
 

@@ -446,5 +446,5 @@ def warn_if_scale_is_fixed(model: Any, callbacks: Iterable[Any]) -> bool:
         GumbelScheduleWarning,
         stacklevel=3,
     )
-    model._fixed_scale_warned = True  # `model.train()` would give the same advice: once is enough
+    model._scale_checked = True  # `model.train()` would give the same advice: once is enough
     return True

@@ -214,9 +214,9 @@ class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
             correct_connection=config.last_layer_correct_connection,
             incorrect_connection=config.last_layer_incorrect_connection,
         )
-        # Whether `set_gumbel_scale` was called, and whether `train()` already warned that nothing moves the scale.
+        # Whether `set_gumbel_scale` was called, and whether `train()` already checked (once) that something sets it.
         self._gumbel_scale_set = False
-        self._fixed_scale_warned = False
+        self._scale_checked = False
         self.post_init()
         self._sync_backbone_pretrained_cfg()
 
@@ -381,8 +381,10 @@ class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
             The model.
         """
         super().train(mode)
-        if mode and not self._fixed_scale_warned and self._scale_never_set():
-            self._fixed_scale_warned = True
+        if not mode or self._scale_checked or self.head.gumbel_scale.is_meta or self.head.hard_assignment.is_meta:
+            return self
+        self._scale_checked = True  # once: the Trainer calls train() at every step, and reading s may sync a GPU
+        if self._scale_never_set():
             warnings.warn(
                 "Training a ProtoPool model in Gumbel mode at the initial assignment scale s=1, which nothing sets: "
                 "the assignment stays soft. Add protopool_hf.GumbelScheduleCallback() to the Trainer's callbacks (or "
@@ -394,10 +396,9 @@ class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
 
     def _scale_never_set(self) -> bool:
         """Soft assignment at s = 1 that `set_gumbel_scale` never touched (a loaded s != 1 was set by training)."""
-        head = self.head
-        if self._gumbel_scale_set or head.gumbel_scale.is_meta or head.hard_assignment.is_meta:
+        if self._gumbel_scale_set:
             return False
-        return not bool(head.hard_assignment) and float(head.gumbel_scale) == 1.0
+        return not bool(self.head.hard_assignment) and float(self.head.gumbel_scale) == 1.0
 
     def harden_assignment(self) -> None:
         """From now on every mode uses one_hot(argmax over the pool of the slot logits); the logits are kept."""
@@ -468,7 +469,7 @@ class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
         """
         self.head.hard_assignment.fill_(False)
         self.head.gumbel_scale.fill_(1.0)
-        self._gumbel_scale_set = False
+        self._gumbel_scale_set = self._scale_checked = False
         self.clear_projection_provenance()
         warnings.warn(
             f"{source}: the head tensors {reinitialised} were re-initialised (ignore_mismatched_sizes=True), so the "

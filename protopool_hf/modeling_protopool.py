@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .backbone import backbone_feature_map, create_backbone, feature_channels
+from .backbone import backbone_feature_map, create_backbone, feature_channels, set_backbone_data_config
 from .configuration_protopool import ProtoPoolConfig
 from .layers import HeadOutput, ProtoPoolHead
 from .losses import LossWeights, all_loss_terms, weighted_total
@@ -244,18 +244,7 @@ class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
         return self.pretrained_cfg
 
     def _sync_backbone_pretrained_cfg(self) -> dict[str, Any]:
-        """Write the config's preprocessing into the backbone's `pretrained_cfg` (and `default_cfg`); return a copy."""
-        data = self.config.data_config()
-        cfg = {
-            **(getattr(self.backbone, "pretrained_cfg", None) or {}),
-            **data,
-            "input_size": tuple(data["input_size"]),
-            "test_input_size": None,
-            "test_crop_pct": None,
-        }
-        self.backbone.pretrained_cfg = cfg
-        self.backbone.default_cfg = cfg
-        return dict(cfg)
+        return set_backbone_data_config(self.backbone, self.config.data_config())
 
     # ------------------------------------------------------------------ forward
     def feature_map(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,13 @@ import torch
 from torch import nn
 
 
-__all__ = ["backbone_feature_map", "create_backbone", "feature_channels", "leading_stage_parameters"]
+__all__ = [
+    "backbone_feature_map",
+    "create_backbone",
+    "feature_channels",
+    "leading_stage_parameters",
+    "set_backbone_data_config",
+]
 
 
 def create_backbone(
@@ -115,6 +121,31 @@ def leading_stage_parameters(model: nn.Module, num_stages: int) -> list[str]:
             "`feature_stage` has only the stages up to that one."
         )
     return names
+
+
+def set_backbone_data_config(model: nn.Module, data_config: dict[str, Any]) -> dict[str, Any]:
+    """Put a model's preprocessing into a timm backbone's `pretrained_cfg` (and `default_cfg`), for timm's helpers.
+
+    `timm.data.resolve_model_data_config(backbone)` then returns `data_config`'s input size, mean, std,
+    interpolation, crop_pct and crop_mode; the backbone's test-time size and crop are dropped.
+
+    Args:
+        model: a model from `create_backbone`.
+        data_config: the model's timm data config (`ProtoPoolConfig.data_config()`).
+
+    Returns:
+        A copy of the new `pretrained_cfg`.
+    """
+    cfg = {
+        **(getattr(model, "pretrained_cfg", None) or {}),
+        **data_config,
+        "input_size": tuple(data_config["input_size"]),
+        "test_input_size": None,
+        "test_crop_pct": None,
+    }
+    model.pretrained_cfg = cfg
+    model.default_cfg = cfg
+    return dict(cfg)
 
 
 def backbone_feature_map(

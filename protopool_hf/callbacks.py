@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .modeling_protopool import GumbelScheduleWarning
+
 
 __all__ = [
     "GumbelScheduleCallback",
@@ -34,10 +36,6 @@ __all__ = [
     "gumbel_scale_at",
     "sync_buffers_from_main",
 ]
-
-
-class GumbelScheduleWarning(UserWarning):
-    """A model is trained in Gumbel mode while nothing moves its assignment scale."""
 
 
 def gumbel_scale_at(epoch: float, scale_max: float, num_epochs: int) -> float:
@@ -341,8 +339,10 @@ class ProjectionCallback(TrainerCallback):
     `self.result`.
 
     Args:
-        dataset: a map-style dataset of `{"pixel_values", "labels"}` examples (e.g. a `datasets.Dataset` with
-            `make_transforms(config, train=False)`), or a DataLoader of such batches.
+        dataset: a map-style dataset of `{"pixel_values", "labels"}` examples (`label`, the column name the HF
+            guides' transforms keep for `DefaultDataCollator`, is read as `labels`), e.g. a `datasets.Dataset` with
+            `make_transforms(config, train=False)`, or a DataLoader of such batches. Its first example is checked
+            when training starts, so a wrong format fails at once, not after the last epoch.
         at_epochs: also project after these epochs (counted from 1, i.e. after the k-th epoch ends); these
             intermediate projections keep the assignment soft.
         batch_size: images per projection batch.
@@ -401,6 +401,14 @@ class ProjectionCallback(TrainerCallback):
         self.num_projections += 1
         return self.result
 
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kwargs: Any
+    ) -> None:
+        """Check the dataset's first example now, so a wrong format fails before the first step, not at the end."""
+        from .projection import check_projection_data
+
+        check_projection_data(_require_protopool(model, type(self).__name__), self.dataset)
+
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kwargs: Any
     ) -> None:
@@ -438,4 +446,5 @@ def warn_if_scale_is_fixed(model: Any, callbacks: Iterable[Any]) -> bool:
         GumbelScheduleWarning,
         stacklevel=3,
     )
+    model._scale_checked = True  # `model.train()` would give the same advice: once is enough
     return True

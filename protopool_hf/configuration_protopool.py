@@ -7,8 +7,10 @@ The config is the single source of truth: every constructor argument of the mode
 schedule constant lives here, and is checked here.
 """
 
+import copy
 import difflib
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -69,7 +71,12 @@ class ProtoPoolConfig(PretrainedConfig):
             whose checkpoint already holds them).
         backbone_kwargs (`dict`, *optional*):
             Extra keyword arguments for `timm.create_model`, e.g. `{"pretrained_cfg_overlay": {"file": path}}` to
-            load pretrained weights from a local file, or `{"drop_path_rate": 0.1}`.
+            load pretrained weights from a local file, or `{"drop_path_rate": 0.1}`. Local paths are never saved
+            (see `to_dict`).
+        backbone_start_weights (`str`, *optional*):
+            Where the backbone's start weights came from, recorded when the config is saved (`to_dict`):
+            `"hf-hub:<repo id>"`, `"url:<url>"`, `"file:<file name>"` (a local file, not shipped), `"state_dict"`,
+            or `None` (timm's random initialisation). Read it through `start_weights_source()`.
         feature_stage (`int`, *optional*):
             `None` uses the backbone's last feature map (`forward_features`). An integer `k` uses the output of
             stage `k` (timm's `forward_intermediates` indexing, negative counts from the end) and drops the later
@@ -123,6 +130,7 @@ class ProtoPoolConfig(PretrainedConfig):
         backbone: str = "resnet50",
         backbone_pretrained: bool = False,
         backbone_kwargs: dict[str, Any] | None = None,
+        backbone_start_weights: str | None = None,
         feature_stage: int | None = None,
         num_prototypes: int = 202,
         num_slots_per_class: int = 10,
@@ -155,6 +163,7 @@ class ProtoPoolConfig(PretrainedConfig):
                 f"`backbone_kwargs` must be a dict of timm.create_model arguments or None, got {backbone_kwargs!r}."
             )
         self.backbone_kwargs = dict(backbone_kwargs) if backbone_kwargs else {}
+        self.backbone_start_weights = backbone_start_weights
         self.feature_stage = feature_stage
         self.num_prototypes = num_prototypes
         self.num_slots_per_class = num_slots_per_class
@@ -209,6 +218,11 @@ class ProtoPoolConfig(PretrainedConfig):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
         if not isinstance(self.backbone_kwargs, dict):
             raise ValueError(f"`backbone_kwargs` must be a dict or None, got {self.backbone_kwargs!r}.")
+        if self.backbone_start_weights is not None and not isinstance(self.backbone_start_weights, str):
+            raise ValueError(
+                f"`backbone_start_weights` must be None or a str such as 'hf-hub:timm/resnet50.a1_in1k', got "
+                f"{self.backbone_start_weights!r}."
+            )
         if self.feature_stage is not None and (
             isinstance(self.feature_stage, bool) or not isinstance(self.feature_stage, int)
         ):
@@ -278,6 +292,51 @@ class ProtoPoolConfig(PretrainedConfig):
         hint = f" Did you mean one of {close}?" if close else " See `timm.list_models()` for the names."
         raise ValueError(f"`backbone`={self.backbone!r} is not a timm model (timm {timm.__version__}).{hint}")
 
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """`PretrainedConfig.to_dict`, made portable: what `save_pretrained` writes and `push_to_hub` uploads.
+
+        A saved model's checkpoint holds the backbone's weights, so the dict records `backbone_pretrained=False` and
+        `backbone_start_weights` (where the start weights came from), and drops the machine's local paths from
+        `backbone_kwargs` (`checkpoint_path`, the `file` of `pretrained_cfg` / `pretrained_cfg_overlay`):
+        `from_config(AutoConfig.from_pretrained(folder))` then builds offline on any machine. The config's own
+        attributes are unchanged, so a model built from this object still loads its start weights.
+        """
+        output = super().to_dict()
+        output["backbone_start_weights"] = self.start_weights_source()
+        output["backbone_pretrained"] = False
+        output["backbone_kwargs"] = _portable_backbone_kwargs(self.backbone_kwargs)
+        return output
+
+    def start_weights_source(self) -> str | None:
+        """Where the backbone's start weights come (or came) from; the format of `backbone_start_weights`.
+
+        From `backbone_kwargs` and timm's pretrained config when this config loads weights itself
+        (`backbone_pretrained=True` or a `checkpoint_path`); else the recorded `backbone_start_weights`. A local
+        file is named by its file name only.
+        """
+        kwargs = self.backbone_kwargs or {}
+        if kwargs.get("checkpoint_path"):
+            return f"file:{os.path.basename(os.fspath(kwargs['checkpoint_path']))}"
+        if not self.backbone_pretrained:
+            return self.backbone_start_weights
+        cfg = dict(kwargs["pretrained_cfg"]) if isinstance(kwargs.get("pretrained_cfg"), Mapping) else {}
+        cfg.update(kwargs.get("pretrained_cfg_overlay") or {})
+        if cfg.get("state_dict") is not None:
+            return "state_dict"
+        if cfg.get("file"):
+            return f"file:{os.path.basename(os.fspath(cfg['file']))}"
+        if not cfg.get("hf_hub_id") and not cfg.get("url"):
+            import timm
+
+            default = timm.models.get_pretrained_cfg(self.backbone, allow_unregistered=True)
+            cfg = {"hf_hub_id": default.hf_hub_id, "url": default.url} if default is not None else {}
+        if cfg.get("hf_hub_id"):
+            return f"hf-hub:{cfg['hf_hub_id']}"
+        if cfg.get("url"):
+            return f"url:{cfg['url']}"
+        return f"timm:{self.backbone}"
+
     # ------------------------------------------------------------------ preprocessing
     def data_config(self) -> dict[str, Any]:
         """The preprocessing as a timm data config: `input_size`, `mean`, `std`, `interpolation`, `crop_pct`, `crop_mode`.
@@ -319,6 +378,20 @@ def _as_list(name: str, value: Any) -> list | None:
         return list(value)
     except TypeError:
         raise ValueError(f"`{name}` must be a list of numbers or None, got {value!r}.") from None
+
+
+def _portable_backbone_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """`backbone_kwargs` without local paths: no `checkpoint_path`, no `file` (or `state_dict`) in the cfg dicts."""
+    portable = {key: value for key, value in kwargs.items() if key != "checkpoint_path"}
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay"):
+        value = portable.get(key)
+        if isinstance(value, Mapping):
+            value = {name: item for name, item in value.items() if name not in ("file", "state_dict")}
+            if value:
+                portable[key] = value
+            else:
+                del portable[key]
+    return copy.deepcopy(portable)
 
 
 def _check_label_arguments(kwargs: dict[str, Any]) -> None:

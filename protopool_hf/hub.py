@@ -351,27 +351,31 @@ def merge_model_cards(
 
 
 def backbone_hub_id(config: ProtoPoolConfig) -> str | None:
-    """The Hub repo of the backbone's pretrained weights (`"timm/resnet50.a1_in1k"`), or None.
+    """The Hub repo of the backbone's start weights (`"timm/resnet50.a1_in1k"`), or None.
 
     None when the backbone was not pretrained, or its weights came from elsewhere (a local file or URL through
-    `backbone_kwargs`, as the CUB preset's iNaturalist ResNet-50 does).
+    `backbone_kwargs`, as the CUB preset's iNaturalist ResNet-50 does). Read from `config.start_weights_source()`,
+    which a saved config records.
     """
-    if not config.backbone_pretrained:
-        return None
-    kwargs = config.backbone_kwargs or {}
-    overlay = kwargs.get("pretrained_cfg_overlay") or {}
-    if overlay.get("hf_hub_id"):
-        return str(overlay["hf_hub_id"])
-    if (
-        kwargs.get("checkpoint_path")
-        or kwargs.get("pretrained_cfg")
-        or any(overlay.get(key) for key in ("file", "url", "state_dict"))
-    ):
-        return None
-    import timm
+    source = config.start_weights_source()
+    return source.removeprefix("hf-hub:") if source and source.startswith("hf-hub:") else None
 
-    pretrained_cfg = timm.models.get_pretrained_cfg(config.backbone, allow_unregistered=True)
-    return pretrained_cfg.hf_hub_id if pretrained_cfg is not None and pretrained_cfg.hf_hub_id else None
+
+def _start_weights_text(config: ProtoPoolConfig) -> str:
+    """The card's words for where the backbone's start weights came from (`config.start_weights_source()`)."""
+    source = config.start_weights_source()
+    kind, _, value = (source or "").partition(":")
+    if source is None:
+        return "trained from scratch"
+    if kind == "hf-hub":
+        return f"[{value}](https://huggingface.co/{value})"
+    if kind == "url":
+        return f"<{value}>"
+    if kind == "file":
+        return f"pretrained, from a local file `{_escape(value)}` (not part of this repository)"
+    if kind == "timm":
+        return f"timm's pretrained `{_escape(value)}`"
+    return "pretrained, from a state dict given in `backbone_kwargs`"
 
 
 def load_metrics(folder: str | os.PathLike) -> dict[str, Any]:
@@ -678,16 +682,9 @@ def _class_table(model: torch.nn.Module, files: dict[int, str]) -> str:
 def _model_table(model: torch.nn.Module) -> str:
     config: ProtoPoolConfig = model.config
     data = config.data_config()
-    hub_id = backbone_hub_id(config)
-    if hub_id:
-        weights = f"[{hub_id}](https://huggingface.co/{hub_id})"
-    elif config.backbone_pretrained:
-        weights = "pretrained (from a file given in `backbone_kwargs`)"
-    else:
-        weights = "trained from scratch"
     rows = [
         ("Backbone (timm)", f"`{config.backbone}`"),
-        ("Backbone start weights", weights),
+        ("Backbone start weights", _start_weights_text(config)),
         ("Feature stage", "last" if config.feature_stage is None else str(config.feature_stage)),
         ("Input size", "×".join(str(v) for v in data["input_size"])),
         ("Normalisation mean / std", f"{_numbers(data['mean'])} / {_numbers(data['std'])}"),

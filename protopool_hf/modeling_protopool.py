@@ -11,6 +11,7 @@ transformers and the package's configuration, layers, losses and backbone module
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,15 +21,25 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .backbone import backbone_feature_map, create_backbone, feature_channels
+from .backbone import backbone_feature_map, create_backbone, feature_channels, set_backbone_data_config
 from .configuration_protopool import ProtoPoolConfig
-from .layers import HeadOutput, ProtoPoolHead, squared_l2_distances
+from .layers import HeadOutput, ProtoPoolHead
 from .losses import LossWeights, all_loss_terms, weighted_total
 
 
-__all__ = ["ProtoPoolForImageClassification", "ProtoPoolOutput", "ProtoPoolPreTrainedModel", "image_processor_dict"]
+__all__ = [
+    "GumbelScheduleWarning",
+    "ProtoPoolForImageClassification",
+    "ProtoPoolOutput",
+    "ProtoPoolPreTrainedModel",
+    "image_processor_dict",
+]
 
 _PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+
+
+class GumbelScheduleWarning(UserWarning):
+    """A model is trained in Gumbel mode while nothing moves its assignment scale."""
 
 
 @dataclass
@@ -97,7 +108,10 @@ class ProtoPoolPreTrainedModel(PreTrainedModel):
 
         transformers re-initialises a missing tensor with only a log line, and names mismatched shapes only in its
         log; pickle-based `pytorch_model.bin` files can run code. Here each of these raises an error that names the
-        folder, the tensors and the fix. `ignore_mismatched_sizes=True` keeps transformers' behaviour for shapes.
+        folder, the tensors and the fix. `ignore_mismatched_sizes=True` keeps transformers' behaviour for shapes, the
+        fine-tuning path of the HF guides (`num_labels=4, id2label=..., ignore_mismatched_sizes=True`): when head
+        tensors are re-initialised, the assignment restarts soft at s = 1 and the projection provenance is cleared,
+        with a warning, since neither describes the new head.
         """
         source = os.fspath(pretrained_model_name_or_path)
         if kwargs.get("use_safetensors") is False or kwargs.get("weights_only") is False:
@@ -144,13 +158,20 @@ class ProtoPoolPreTrainedModel(PreTrainedModel):
                 "(num_labels, num_prototypes, num_slots_per_class, prototype_dim, backbone) must be those the "
                 "weights were saved with: restore the config.json saved with these weights."
             )
+        reinitialised = sorted(key for key, *_ in info["mismatched_keys"] if key.startswith("head."))
+        if reinitialised:
+            model.restart_head(reinitialised, source)
         return (model, info) if with_info else model
 
 
 class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
     """ProtoPool image classifier: any timm backbone, a shared prototype pool, Gumbel-softmax slot assignment.
 
-    The same class serves `AutoModel` and `AutoModelForImageClassification`.
+    The same class serves `AutoModel` and `AutoModelForImageClassification`. `model.backbone` is the timm model
+    without its classifier; with `config.feature_stage=k` it is truncated after stage k (later stages, final norm
+    and head removed), so its `forward_features` and `num_features` no longer describe the full network: use
+    `model.feature_map`. For timm's data helpers the model carries a `pretrained_cfg` with the config's
+    preprocessing (see [`ProtoPoolForImageClassification.pretrained_cfg`]).
 
     Args:
         config: the [`ProtoPoolConfig`].
@@ -193,7 +214,37 @@ class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
             correct_connection=config.last_layer_correct_connection,
             incorrect_connection=config.last_layer_incorrect_connection,
         )
+        # Whether `set_gumbel_scale` was called, and whether `train()` already checked (once) that something sets it.
+        self._gumbel_scale_set = False
+        self._scale_checked = False
         self.post_init()
+        self._sync_backbone_pretrained_cfg()
+
+    # ------------------------------------------------------------------ timm interop
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """The timm pretrained config of this model: the backbone's, with the preprocessing of `config.data_config()`.
+
+        `timm.data.resolve_data_config(model=model)` and `timm.data.resolve_model_data_config(model)` read it, so
+        they return the model's input size, mean, std, interpolation, crop_pct and crop_mode (not timm's ImageNet
+        defaults). Reading it also brings `model.backbone.pretrained_cfg` in step with the config. The backbone's
+        test-time size and crop are dropped: the config's preprocessing is the only one.
+        """
+        backbone_cfg = self._sync_backbone_pretrained_cfg()
+        return {
+            **backbone_cfg,
+            "num_classes": self.config.num_labels,
+            "classifier": "head.last_layer",
+            "first_conv": f"backbone.{first_conv}" if (first_conv := backbone_cfg.get("first_conv")) else None,
+        }
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """Alias of `pretrained_cfg` (timm's older name)."""
+        return self.pretrained_cfg
+
+    def _sync_backbone_pretrained_cfg(self) -> dict[str, Any]:
+        return set_backbone_data_config(self.backbone, self.config.data_config())
 
     # ------------------------------------------------------------------ forward
     def feature_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -205,8 +256,12 @@ class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
         return self.head.latent(self.feature_map(pixel_values))
 
     def prototype_distances(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`(N, 3, H_in, W_in)` images -> `(N, P, H, W)` squared distances to every prototype, float32."""
-        return squared_l2_distances(self.latent_map(pixel_values), self.head.prototypes.float())
+        """`(N, 3, H_in, W_in)` images -> `(N, P, H, W)` squared distances to every prototype, float32.
+
+        As in the forward pass, the distances are computed in float32 even under bf16/fp16 autocast (the backbone
+        still runs under it).
+        """
+        return self.head.distances(self.feature_map(pixel_values))
 
     def forward(
         self,
@@ -298,6 +353,41 @@ class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
         if not scale > 0:
             raise ValueError(f"The Gumbel scale must be > 0, got {scale}. s = 1 is the official plain-softmax path.")
         self.head.gumbel_scale.fill_(scale)
+        self._gumbel_scale_set = True
+
+    def train(self, mode: bool = True) -> "ProtoPoolForImageClassification":
+        """`nn.Module.train`; warns once when training starts in Gumbel mode while the scale was never set.
+
+        A soft assignment trained at the initial s = 1 that nothing raises never becomes one-hot, so the prototypes
+        the classes use stay blurred. The stock `Trainer` calls `model.train()` after its callbacks' `on_train_begin`,
+        where [`GumbelScheduleCallback`] sets the scale, so a Trainer with that callback does not warn. The check
+        lives here, not in `forward`, which stays free of branches on tensor values.
+
+        Args:
+            mode: training (True) or evaluation (False) mode.
+
+        Returns:
+            The model.
+        """
+        super().train(mode)
+        if not mode or self._scale_checked or self.head.gumbel_scale.is_meta or self.head.hard_assignment.is_meta:
+            return self
+        self._scale_checked = True  # once: the Trainer calls train() at every step, and reading s may sync a GPU
+        if self._scale_never_set():
+            warnings.warn(
+                "Training a ProtoPool model in Gumbel mode at the initial assignment scale s=1, which nothing sets: "
+                "the assignment stays soft. Add protopool_hf.GumbelScheduleCallback() to the Trainer's callbacks (or "
+                "call model.set_gumbel_scale(s); harden the assignment for last-layer fine-tuning).",
+                GumbelScheduleWarning,
+                stacklevel=2,
+            )
+        return self
+
+    def _scale_never_set(self) -> bool:
+        """Soft assignment at s = 1 that `set_gumbel_scale` never touched (a loaded s != 1 was set by training)."""
+        if self._gumbel_scale_set:
+            return False
+        return not bool(self.head.hard_assignment) and float(self.head.gumbel_scale) == 1.0
 
     def harden_assignment(self) -> None:
         """From now on every mode uses one_hot(argmax over the pool of the slot logits); the logits are kept."""
@@ -342,6 +432,41 @@ class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
             buffer.copy_(torch.as_tensor(value).to(buffer))
         self.config.projection_dataset = dataset_name
         self.config.projection_input_size = list(input_size) if input_size is not None else None
+
+    @torch.no_grad()
+    def clear_projection_provenance(self) -> None:
+        """Forget where the prototypes were projected: buffers back to -1 / nan, config fields to None."""
+        head = self.head
+        for buffer in (head.projection_image_index, head.projection_row, head.projection_col, head.projection_label):
+            buffer.fill_(-1)
+        head.projection_distance.fill_(float("nan"))
+        self.config.projection_dataset = None
+        self.config.projection_input_size = None
+
+    @torch.no_grad()
+    def restart_head(self, reinitialised: list[str], source: str = "the checkpoint") -> None:
+        """After head tensors were re-initialised: a soft assignment at s = 1, no projection provenance, a warning.
+
+        `from_pretrained(..., ignore_mismatched_sizes=True)` calls it when it re-initialises head tensors (new
+        `num_labels`, ...): a hardened assignment would turn the new random slot logits into a one-hot choice that
+        cross-entropy cannot train, and the old provenance (image indices, labels, dataset) no longer describes the
+        head.
+
+        Args:
+            reinitialised: the names of the re-initialised tensors, for the warning.
+            source: the checkpoint's name, for the warning.
+        """
+        self.head.hard_assignment.fill_(False)
+        self.head.gumbel_scale.fill_(1.0)
+        self._gumbel_scale_set = self._scale_checked = False
+        self.clear_projection_provenance()
+        warnings.warn(
+            f"{source}: the head tensors {reinitialised} were re-initialised (ignore_mismatched_sizes=True), so the "
+            "slot assignment restarts soft at scale s=1 and the projection provenance was cleared. Train the new "
+            "head with protopool_hf.GumbelScheduleCallback, then project the prototypes again.",
+            UserWarning,
+            stacklevel=3,
+        )
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:

@@ -34,7 +34,13 @@ from .layers import squared_l2_distances
 from .modeling_protopool import ProtoPoolForImageClassification
 
 
-__all__ = ["ProjectionResult", "default_dataset_name", "project_prototypes", "prune_unused_prototypes"]
+__all__ = [
+    "ProjectionResult",
+    "check_projection_data",
+    "default_dataset_name",
+    "project_prototypes",
+    "prune_unused_prototypes",
+]
 
 # A patch's tie-break key: image_index << 24 | row << 12 | col (rows and columns below 4096).
 _ROW_BITS = 12
@@ -163,7 +169,8 @@ def project_prototypes(
     Args:
         model: the model (a DDP wrapper is unwrapped).
         data: a `DataLoader` (or any iterable) of batches, dicts with `pixel_values` `(N, 3, H_in, W_in)` and
-            `labels` `(N,)`; an image's index is its position in iteration order, or the batch's `index` `(N,)`
+            `labels` `(N,)` (or `label`, the column name of `datasets` and `DefaultDataCollator`'s input);
+            an image's index is its position in iteration order, or the batch's `index` `(N,)`
             field when it has one. Or a map-style dataset (`datasets.Dataset` with a transform, torch `Dataset`,
             list) of examples with `pixel_values` `(3, H_in, W_in)` and `labels` (and optionally `index`), which is
             loaded here in order; under `torch.distributed` each process scans a contiguous shard of it. A list
@@ -379,6 +386,42 @@ def _gather(
     return gathered_best, sum(count for _, count, _ in states), all_sizes
 
 
+def check_projection_data(model: ProtoPoolForImageClassification, data: Any) -> None:
+    """Check the first example (or batch) of projection data, so a wrong format fails before any training.
+
+    Reads `data[0]` of a map-style dataset or a list of batches, or the first batch of a `DataLoader`; other
+    iterables (which a check could consume) are left to `project_prototypes`.
+
+    Args:
+        model: the model the data will be projected for (its `num_labels` bounds the labels).
+        data: what `project_prototypes` would be given.
+
+    Raises:
+        ValueError: as `project_prototypes` would, naming the missing key, bad shape or label.
+    """
+    num_classes = _unwrap(model).config.num_labels
+    if isinstance(data, IterableDataset) or type(data).__name__ == "IterableDataset":
+        _as_loader(data, 1, 0, torch.device("cpu"), False)  # raises its message
+    if isinstance(data, DataLoader):
+        batch = next(iter(data), None)
+    elif _is_batch_list(data):
+        batch = data[0]
+    elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        if len(data) == 0:
+            raise ValueError("The projection dataset is empty: pass the un-augmented training images.")
+        batch = _collate_examples([data[0]])
+    else:
+        return
+    if batch is None:
+        raise ValueError("The projection DataLoader yields no batch: pass the un-augmented training images.")
+    _unpack(batch, 0, num_classes)
+
+
+def _labels_key(batch: Mapping[str, Any]) -> str:
+    """`labels`, or `label` (the `datasets` column that `DefaultDataCollator` renames) when only that is there."""
+    return "label" if "labels" not in batch and "label" in batch else "labels"
+
+
 def _unpack(batch: Any, number: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Check one batch; return `pixel_values` `(N, 3, H, W)`, `labels` `(N,)` and `index` `(N,)` or None."""
     if not isinstance(batch, Mapping):
@@ -386,14 +429,14 @@ def _unpack(batch: Any, number: int, num_classes: int) -> tuple[torch.Tensor, to
             f"Projection batch {number} is a {type(batch).__name__}; batches must be dicts with `pixel_values` "
             "(N, 3, H, W) and `labels` (N,) (and optionally `index`): give the dataset a transform that returns them."
         )
-    missing = [name for name in ("pixel_values", "labels") if name not in batch]
+    missing = [name for name in ("pixel_values", _labels_key(batch)) if name not in batch]
     if missing:
         raise ValueError(
             f"Projection batch {number} has no {missing} (its keys: {sorted(batch)}); batches must hold "
-            "`pixel_values` (N, 3, H, W) and `labels` (N,): give the dataset a transform that returns them."
+            "`pixel_values` (N, 3, H, W) and `labels` (N,) (or `label`): give the dataset a transform that returns them."
         )
     pixel_values = torch.as_tensor(batch["pixel_values"])
-    labels = torch.as_tensor(batch["labels"])
+    labels = torch.as_tensor(batch[_labels_key(batch)])
     if pixel_values.ndim != 4:
         raise ValueError(
             f"`pixel_values` of projection batch {number} has shape {tuple(pixel_values.shape)}; expected "
@@ -427,15 +470,15 @@ def _unpack(batch: Any, number: int, num_classes: int) -> tuple[torch.Tensor, to
 def _collate_examples(examples: list[Any]) -> dict[str, torch.Tensor]:
     """Stack examples' `pixel_values`, `labels` (and `index`); other fields (e.g. a PIL `image`) are dropped."""
     for example in examples:
-        if not isinstance(example, Mapping) or "pixel_values" not in example or "labels" not in example:
+        if not isinstance(example, Mapping) or "pixel_values" not in example or _labels_key(example) not in example:
             found = sorted(example) if isinstance(example, Mapping) else type(example).__name__
             raise ValueError(
-                f"Projection examples must be dicts with `pixel_values` (3, H, W) and `labels` (an int), got "
-                f"{found}: give the dataset a transform that returns them (e.g. `dataset.with_transform(...)`)."
+                f"Projection examples must be dicts with `pixel_values` (3, H, W) and `labels` (or `label`, an int), "
+                f"got {found}: give the dataset a transform that returns them (e.g. `dataset.with_transform(...)`)."
             )
     batch = {
         "pixel_values": torch.stack([torch.as_tensor(example["pixel_values"]) for example in examples]),
-        "labels": torch.as_tensor([int(example["labels"]) for example in examples]),
+        "labels": torch.as_tensor([int(example[_labels_key(example)]) for example in examples]),
     }
     if all("index" in example for example in examples):
         batch["index"] = torch.as_tensor([int(example["index"]) for example in examples])

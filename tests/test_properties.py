@@ -60,6 +60,7 @@ FIELDS = {
     "backbone": st.one_of(st.sampled_from(["test_resnet", "test_vit", "resnet18.tv_in1k", "RESNET50", "nope"]), JUNK),
     "backbone_pretrained": st.one_of(st.booleans(), JUNK),
     "backbone_kwargs": st.one_of(st.dictionaries(st.sampled_from(["drop_path_rate", "in_chans"]), JUNK), JUNK),
+    "backbone_start_weights": st.one_of(st.sampled_from(["hf-hub:timm/resnet18.tv_in1k", "file:w.pth", None]), JUNK),
     "feature_stage": st.one_of(st.integers(-5, 5), JUNK),
     "num_prototypes": POSITIVE_INT,
     "num_slots_per_class": POSITIVE_INT,

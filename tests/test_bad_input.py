@@ -302,10 +302,10 @@ def test_a_limit_keeps_the_first_images_and_every_class_name(tmp_path):
 def test_test_metrics_carry_the_run_s_final_epoch(tmp_path):
     model = tiny_model()
     train, _, plain = fashion_mnist(model.config, 16)
-    recipe = _recipe(tmp_path / "run", joint_epochs=1, finetune_epochs=1)
+    recipe = _recipe(tmp_path / "run", finetune_epochs=1)
     result = train_protopool(model, train, None, plain, recipe, test_dataset=plain)
     test = result.metrics["test"]
-    assert test["epoch"] == 3.0  # 1 warm-up + 1 joint + 1 fine-tuning epoch, not 0
+    assert test["epoch"] == 2.0  # 1 warm-up + 0 joint + 1 fine-tuning epoch, not 0
     batch = collate_fn(plain.__getitems__(list(range(16))))
     with torch.no_grad():
         predicted = result.model.eval()(batch["pixel_values"]).logits.argmax(-1)

@@ -129,16 +129,14 @@ def load_splits(dataset: str, root: Path | None, limit: int | None = None) -> tu
     if root is None:
         raise ValueError(f"--dataset {dataset} needs --data-root: the folder of the dataset.")
     if dataset == "cub200":
-        train, test = data.load_cub200(root, "train"), data.load_cub200(root, "test")
+        train, test = data.load_cub200(root, "train", limit=limit), data.load_cub200(root, "test")
     elif dataset == "cars196":
-        train, test = data.load_stanford_cars(root, "train"), data.load_stanford_cars(root, "test")
+        train, test = data.load_stanford_cars(root, "train", limit=limit), data.load_stanford_cars(root, "test")
     elif (root / "train").is_dir():
-        train = data.load_image_folder(root / "train")
+        train = data.load_image_folder(root / "train", limit=limit)
         test = data.load_image_folder(root / "test") if (root / "test").is_dir() else None
     else:
-        train, test = data.load_image_folder(root), None
-    if limit is not None:
-        train = train.select(range(min(limit, len(train))))
+        train, test = data.load_image_folder(root, limit=limit), None
     return train, test
 
 
@@ -153,14 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .data import collate_fn, make_transforms
     from .hub import save_model_folder
     from .modeling_protopool import ProtoPoolForImageClassification
-    from .training import (
-        ProtoPoolRecipe,
-        ProtoPoolTrainer,
-        compute_accuracy,
-        finish_distributed,
-        split_train_validation,
-        train_protopool,
-    )
+    from .training import ProtoPoolRecipe, finish_distributed, split_train_validation, train_protopool
 
     raw_train, raw_test = load_splits(args.dataset, args.data_root, args.limit)
     names = _labels(raw_train)
@@ -219,17 +210,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe,
         data_collator=collate_fn,
         resume_from_checkpoint=args.resume_from_checkpoint,
+        test_dataset=raw_test.with_transform(eval_transform) if raw_test is not None else None,
+        overwrite=getattr(args, "overwrite", False),
     )
     final = result.metrics.get("finetune", {})
     metrics: dict[str, Any] = {k.replace("eval_", "validation_", 1): v for k, v in final.items()}
-    if raw_test is not None:
-        evaluator = ProtoPoolTrainer(
-            model=result.model,
-            args=recipe.training_arguments("finetune", evaluate=False),
-            data_collator=collate_fn,
-            compute_metrics=compute_accuracy,
-        )
-        metrics.update(evaluator.evaluate(raw_test.with_transform(eval_transform), metric_key_prefix="test"))
+    metrics.update(result.metrics.get("test", {}))
     if _is_main_process():
         save_model_folder(
             result.model, args.output_dir, dataset=raw_train, metrics=metrics, training_args=recipe.to_dict()

@@ -186,6 +186,22 @@ def evaluate(model: torch.nn.Module, dataset: Any, batch_size: int, desc: str = 
 
 
 # --------------------------------------------------------------------------- ProtoPool
+def save_demo_model_folder(
+    model: torch.nn.Module, folder: Path, train_raw: Any, test_accuracy: float, recipe: Any
+) -> Path:
+    """The model folder with its card: the recipe's hyperparameters and the accuracy on the test split."""
+    from protopool_hf.hub import save_model_folder
+
+    return save_model_folder(
+        model,
+        folder,
+        dataset=train_raw,
+        metrics={"test_accuracy": test_accuracy},
+        dataset_name="zalando-datasets/fashion_mnist",
+        training_args=recipe,
+    )
+
+
 def run_protopool(settings: DemoSettings, output_dir: Path, save_pictures: bool = True) -> dict[str, Any]:
     """Train with `train_protopool`, evaluate on the test split, write the model folder, pictures and metrics."""
     from protopool_hf import ProtoPoolForImageClassification
@@ -258,29 +274,27 @@ def run_protopool(settings: DemoSettings, output_dir: Path, save_pictures: bool 
     print(f"Test accuracy: {100 * test['accuracy']:.2f} % ({test['images']} images)", flush=True)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if save_pictures:
-        metrics.update(write_outputs(model, data, output_dir, settings, metrics))
+        metrics.update(write_outputs(model, data, output_dir, settings, metrics, recipe))
     return metrics
 
 
 def write_outputs(
-    model: torch.nn.Module, data: dict[str, Any], output_dir: Path, settings: DemoSettings, metrics: dict[str, Any]
+    model: torch.nn.Module,
+    data: dict[str, Any],
+    output_dir: Path,
+    settings: DemoSettings,
+    metrics: dict[str, Any],
+    recipe: Any,
 ) -> dict[str, Any]:
     """The model folder (weights, card, prototype pictures), explanations of test images, a reload check."""
     from transformers import AutoModelForImageClassification
 
     from protopool_hf.explain import explain
-    from protopool_hf.hub import save_model_folder
 
     start = time.perf_counter()
     folder = output_dir / "model"
     print(f"Writing the model folder, the prototype pictures and the model card to {folder} ...", flush=True)
-    save_model_folder(
-        model,
-        folder,
-        dataset=data["train_raw"],
-        metrics={"accuracy": metrics["test_accuracy"]},
-        dataset_name="zalando-datasets/fashion_mnist",
-    )
+    save_demo_model_folder(model, folder, data["train_raw"], metrics["test_accuracy"], recipe)
     explanations = output_dir / "explanations"
     explanations.mkdir(parents=True, exist_ok=True)
     written = []

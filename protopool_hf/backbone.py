@@ -14,6 +14,10 @@ by `nn.Identity`, so every trainable parameter gets a gradient and DDP needs no 
 modules are unused is found by a forward and backward pass on the meta device, which costs no compute.
 """
 
+import pickle
+import re
+import struct
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +33,7 @@ def create_backbone(
     pretrained: bool = False,
     feature_stage: int | None = None,
     input_size: tuple[int, int, int] | None = None,
+    require_spatial_map: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Create a timm model as a feature extractor, with the modules its features never use removed.
@@ -39,15 +44,41 @@ def create_backbone(
             `pretrained_cfg_overlay={"file": path}` in `kwargs` works offline).
         feature_stage: `None` for `forward_features`; an int for that stage of `forward_intermediates`.
         input_size: `(3, H, W)` used to probe which modules the forward uses; defaults to timm's input size.
+        require_spatial_map: refuse a 1×1 feature map at `input_size` (ProtoPool compares prototypes with every
+            position of the map: with one position the min distance is the mean and nothing can be learned).
         **kwargs: passed to `timm.create_model`.
 
     Returns:
         The timm model, without classifier and pooling (`num_classes=0, global_pool=""`).
+
+    Raises:
+        ValueError: a keyword timm's model does not take, an unreadable weights file, or (with
+            `require_spatial_map`) a 1×1 feature map.
     """
     import timm
 
+    weights_file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file") if pretrained else None
+    if weights_file is not None:
+        _check_weights_file(weights_file, name)
     kwargs = {"num_classes": 0, "global_pool": "", **kwargs}
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as error:
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+        if unexpected is None:
+            raise
+        raise ValueError(
+            f"`backbone_kwargs` key {unexpected.group(1)!r} is not an argument of timm's {name!r} "
+            f"({str(error).splitlines()[0]}): remove it, or use a keyword of timm.create_model or of the model class."
+        ) from None
+    except (pickle.UnpicklingError, EOFError, KeyError) as error:
+        if weights_file is None:
+            raise
+        raise ValueError(
+            f"Cannot read the pretrained weights file {str(weights_file)!r} for backbone {name!r}: it is not a "
+            "state dict of tensors (torch.load(..., weights_only=True) refused it). Pass a .safetensors file, or a "
+            ".pth/.bin file holding only the backbone's state dict (torch.save(model.state_dict(), path))."
+        ) from error
     if feature_stage is not None:
         _prune_after_stage(model, feature_stage)
     probe_kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg_overlay", "checkpoint_path")}
@@ -58,7 +89,9 @@ def create_backbone(
             _prune_after_stage(probe, feature_stage)
     size = input_size or tuple(probe.pretrained_cfg.get("input_size", (3, 224, 224)))
     with torch.inference_mode(False), torch.enable_grad():
-        unused, called = _probe_usage(probe, feature_stage, size)
+        unused, called, map_size = _probe_usage(probe, feature_stage, size)
+    if require_spatial_map and map_size == (1, 1):
+        raise ValueError(_one_position_message(probe, name, feature_stage, size))
     _remove_unused_modules(model, unused, called)
     return model
 
@@ -180,8 +213,13 @@ def _tokens_to_map(model: nn.Module, tokens: torch.Tensor, image_hw: torch.Size)
     return tokens.unflatten(1, (height, tokens.shape[1] // height)).permute(0, 3, 1, 2)
 
 
-def _probe_usage(probe: nn.Module, feature_stage: int | None, size: tuple[int, ...]) -> tuple[set[str], set[str]]:
-    """Names of the parameters that get no gradient, and of the modules the forward calls (on the meta device)."""
+def _probe_usage(
+    probe: nn.Module, feature_stage: int | None, size: tuple[int, ...]
+) -> tuple[set[str], set[str], tuple[int, int]]:
+    """Names of the parameters that get no gradient and of the modules the forward calls, and the map's (H, W).
+
+    Runs on the meta device.
+    """
     params = dict(probe.named_parameters())
     called: set[str] = set()
     hooks = [
@@ -194,10 +232,52 @@ def _probe_usage(probe: nn.Module, feature_stage: int | None, size: tuple[int, .
     finally:
         for hook in hooks:
             hook.remove()
+    map_size = (int(features.shape[-2]), int(features.shape[-1]))
     if not params:
-        return set(), called
+        return set(), called, map_size
     grads = torch.autograd.grad(features.sum(), list(params.values()), allow_unused=True)
-    return {name for name, grad in zip(params, grads, strict=True) if grad is None}, called
+    return {name for name, grad in zip(params, grads, strict=True) if grad is None}, called, map_size
+
+
+def _one_position_message(probe: nn.Module, name: str, feature_stage: int | None, size: tuple[int, ...]) -> str:
+    """The error for a 1×1 feature map, suggesting the latest stage whose map has more than one position."""
+    height, width = size[-2:]
+    stages = [
+        index
+        for index, info in enumerate(getattr(probe, "feature_info", None) or [])
+        if isinstance(info, dict) and (height // info.get("reduction", 1)) * (width // info.get("reduction", 1)) > 1
+    ]
+    stage = f"feature_stage={feature_stage}" if feature_stage is not None else "its last feature map"
+    hint = f"an earlier `feature_stage` (e.g. {stages[-1]}) or " if stages else ""
+    return (
+        f"Backbone {name!r} makes a 1×1 feature map from {height}×{width} images ({stage}): every prototype's min "
+        "distance then equals its mean distance, the similarities are 0 and the model cannot learn. Use "
+        f"{hint}a larger image size (`input_size`)."
+    )
+
+
+_SAFETENSORS_HEADER = struct.Struct("<Q")
+
+
+def _check_weights_file(path: str | Path, name: str) -> None:
+    """Refuse a pretrained weights file that is missing or in no checkpoint format, before timm reads it."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"The pretrained weights file {str(path)!r} for backbone {name!r} does not exist: pass the path of a "
+            ".safetensors or .pth file of the backbone's weights."
+        )
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    is_zip = head.startswith(b"PK\x03\x04")  # torch.save's format (and numpy's .npz)
+    is_pickle = head[:1] == b"\x80"  # torch.save's legacy format
+    is_safetensors = len(head) == 9 and head[8:9] == b"{" and _SAFETENSORS_HEADER.unpack(head[:8])[0] > 1
+    if not (is_zip or is_pickle or is_safetensors):
+        raise ValueError(
+            f"The pretrained weights file {str(path)!r} for backbone {name!r} is neither a PyTorch checkpoint nor a "
+            f"safetensors file (it starts with {head!r}): pass a .safetensors file, or a .pth/.bin file written by "
+            "torch.save(model.state_dict(), path)."
+        )
 
 
 def _remove_unused_modules(model: nn.Module, unused: set[str], called: set[str]) -> None:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from .cli_messages import (
-    check_empty_or_overwrite,
     check_image_file,
     check_model_source,
     check_output_path,
@@ -205,16 +204,14 @@ def load_splits(dataset: str, root: Path | None, limit: int | None = None) -> tu
     if root is None:
         raise ValueError(f"--dataset {dataset} needs --data-root: the folder of the dataset.")
     if dataset == "cub200":
-        train, test = data.load_cub200(root, "train"), data.load_cub200(root, "test")
+        train, test = data.load_cub200(root, "train", limit=limit), data.load_cub200(root, "test")
     elif dataset == "cars196":
-        train, test = data.load_stanford_cars(root, "train"), data.load_stanford_cars(root, "test")
+        train, test = data.load_stanford_cars(root, "train", limit=limit), data.load_stanford_cars(root, "test")
     elif (root / "train").is_dir():
-        train = data.load_image_folder(root / "train")
+        train = data.load_image_folder(root / "train", limit=limit)
         test = data.load_image_folder(root / "test") if (root / "test").is_dir() else None
     else:
-        train, test = data.load_image_folder(root), None
-    if limit is not None:
-        train = train.select(range(min(limit, len(train))))
+        train, test = data.load_image_folder(root, limit=limit), None
     return train, test
 
 
@@ -229,14 +226,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .data import collate_fn, make_transforms
     from .hub import save_model_folder
     from .modeling_protopool import ProtoPoolForImageClassification
-    from .training import (
-        ProtoPoolRecipe,
-        ProtoPoolTrainer,
-        compute_accuracy,
-        finish_distributed,
-        split_train_validation,
-        train_protopool,
-    )
+    from .training import ProtoPoolRecipe, finish_distributed, split_train_validation, train_protopool
 
     check_output_path("--output-dir", args.output_dir, folder=True)
     raw_train, raw_test = load_splits(args.dataset, args.data_root, args.limit)
@@ -299,18 +289,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe,
         data_collator=collate_fn,
         resume_from_checkpoint=args.resume_from_checkpoint,
+        test_dataset=raw_test.with_transform(eval_transform) if raw_test is not None else None,
         overwrite=args.overwrite,
     )
     final = result.metrics.get("finetune", {})
     metrics: dict[str, Any] = {k.replace("eval_", "validation_", 1): v for k, v in final.items()}
-    if raw_test is not None:
-        evaluator = ProtoPoolTrainer(
-            model=result.model,
-            args=recipe.training_arguments("finetune", evaluate=False),
-            data_collator=collate_fn,
-            compute_metrics=compute_accuracy,
-        )
-        metrics.update(evaluator.evaluate(raw_test.with_transform(eval_transform), metric_key_prefix="test"))
+    metrics.update(result.metrics.get("test", {}))
     if _is_main_process():
         save_model_folder(
             result.model,
@@ -329,13 +313,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_project(args: argparse.Namespace) -> int:
     """`protopool-hf project`."""
     from .data import dataset_name, make_transforms
-    from .hub import save_model_folder
+    from .hub import check_model_folder, save_model_folder
     from .modeling_protopool import ProtoPoolForImageClassification
     from .projection import project_prototypes
 
     check_model_source(args.model)
     check_output_path("--output-dir", args.output_dir, folder=True)
-    check_empty_or_overwrite("--output-dir", args.output_dir, args.overwrite)
+    check_model_folder(args.output_dir, args.overwrite, argument="--output-dir")
     model = _load_model(ProtoPoolForImageClassification, args.model)
     raw_train, _ = load_splits(args.dataset, args.data_root, args.limit)
     names = _labels(raw_train)
@@ -422,11 +406,12 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     """`protopool-hf convert`."""
     from .convert import convert_main
+    from .hub import check_model_folder
 
     if not args.checkpoint.is_file():
         raise FileNotFoundError(f"CHECKPOINT {str(args.checkpoint)!r} does not exist: check the path.")
     check_output_path("OUTPUT_DIR", args.output_dir, folder=True)
-    check_empty_or_overwrite("OUTPUT_DIR", args.output_dir, args.overwrite)
+    check_model_folder(args.output_dir, args.overwrite, argument="OUTPUT_DIR")
     return convert_main(args)
 
 

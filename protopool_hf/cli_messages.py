@@ -17,7 +17,6 @@ from pathlib import Path
 
 __all__ = [
     "CLI_WORDING",
-    "check_empty_or_overwrite",
     "check_image_file",
     "check_model_source",
     "check_output_path",
@@ -37,10 +36,12 @@ CLI_WORDING = {
     "make_transforms(..., skip_bad_images=True)": "--skip-bad-images",
     "pass dataset_name=": "pass --dataset-name",
     "pass root=": "pass --data-root",
+    "pass overwrite=True (--overwrite)": "pass --overwrite",
     "pass overwrite=True": "pass --overwrite",
     "overwrite=True": "--overwrite",
-    "choose another output_dir": "choose another --output-dir",
-    "Use a fresh output_dir": "Use a fresh --output-dir",
+    "output_dir '": "--output-dir '",
+    "another output_dir": "another --output-dir",
+    "a fresh output_dir": "a fresh --output-dir",
 }
 _WORDING = re.compile("|".join(re.escape(key) for key in sorted(CLI_WORDING, key=len, reverse=True)))
 # A Hub repo id: "name" or "namespace/name" of letters, digits, "-", "_", "." (huggingface_hub's rule, without "--").
@@ -187,15 +188,6 @@ def check_output_path(flag: str, path: Path, *, folder: bool) -> None:
         raise NotADirectoryError(f"{flag} {str(path)!r} is a file, not a folder: choose a folder.")
     if not folder and path.is_dir():
         raise IsADirectoryError(f"{flag} {str(path)!r} is a folder: pass a file name, e.g. {str(path / 'x.png')!r}.")
-
-
-def check_empty_or_overwrite(flag: str, path: Path, overwrite: bool) -> None:
-    """Refuses an output folder that already holds files, unless `--overwrite` was given."""
-    if not overwrite and path.is_dir() and any(path.iterdir()):
-        raise FileExistsError(
-            f"{flag} {str(path)!r} already holds files (a model?): pass --overwrite to replace them, or choose "
-            "another folder."
-        )
 
 
 def _offline() -> bool:

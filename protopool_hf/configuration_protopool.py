@@ -198,6 +198,37 @@ class ProtoPoolConfig(PretrainedConfig):
             raise ValueError(f"Unknown preset {name!r}: choose one of {sorted(PRESETS)}.")
         return cls(**{**PRESETS[name], **overrides})
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "ProtoPoolConfig":
+        """`PretrainedConfig.from_dict`, where `num_labels`, `id2label` and `label2id` arguments replace the saved labels.
+
+        transformers builds the config from the saved `id2label` plus the `num_labels` argument and sets an
+        `id2label` argument only afterwards, unchecked; here the arguments take the saved labels' place before the
+        label checks run, so `from_pretrained(folder, num_labels=4, id2label=..., ignore_mismatched_sizes=True)`
+        works and a bad `id2label` argument is refused. `num_labels` alone keeps the saved names when the count is
+        unchanged and otherwise names the classes `LABEL_i`, as transformers does.
+        """
+        if not any(key in kwargs for key in ("num_labels", "id2label", "label2id")):
+            return super().from_dict(config_dict, **kwargs)
+        config_dict = dict(config_dict)
+        if "id2label" in kwargs:
+            id2label = kwargs.pop("id2label")
+            config_dict["id2label"] = id2label
+            label2id = kwargs.pop("label2id", None)
+            if label2id is None and isinstance(id2label, Mapping):
+                label2id = {name: int(index) for index, name in id2label.items() if isinstance(index, int | str)}
+            config_dict["label2id"] = label2id
+        elif "num_labels" in kwargs:
+            saved = config_dict.get("id2label")
+            if saved is None or len(saved) != kwargs["num_labels"]:
+                config_dict.pop("id2label", None)
+                config_dict.pop("label2id", None)
+        if "label2id" in kwargs:
+            config_dict["label2id"] = kwargs.pop("label2id")
+        if "num_labels" in kwargs:
+            config_dict["num_labels"] = kwargs.pop("num_labels")
+        return super().from_dict(config_dict, **kwargs)
+
     # ------------------------------------------------------------------ validation
     def validate_protopool(self) -> None:
         """Check every ProtoPool field; raise `ValueError` naming the field, the value and the allowed range."""
@@ -251,6 +282,12 @@ class ProtoPoolConfig(PretrainedConfig):
         ):
             raise ValueError(
                 f"`input_size` must be [channels, height, width] of positive ints, got {self.input_size}."
+            )
+        if self.input_size is not None and self.input_size[0] != 3:
+            raise ValueError(
+                f"`input_size` must have 3 channels (ProtoPool takes RGB images), got {self.input_size}: use "
+                f"[3, {self.input_size[1]}, {self.input_size[2]}]; greyscale images are converted to RGB by the "
+                "image processor and make_transforms."
             )
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
@@ -340,6 +377,18 @@ def _check_label_arguments(kwargs: dict[str, Any]) -> None:
                 raise ValueError(
                     f"`id2label` keys must be class indices (ints, or strings of ints as in config.json), got {key!r}."
                 ) from None
+        indices = sorted(int(key) for key in id2label)
+        if indices != list(range(len(id2label))):
+            raise ValueError(
+                f"`id2label` keys must be exactly the class indices 0..{len(id2label) - 1}, got {indices}: number the "
+                "classes from 0 without gaps, e.g. id2label=dict(enumerate(class_names))."
+            )
+        num_labels = kwargs.get("num_labels")
+        if num_labels is not None and num_labels != len(id2label):
+            raise ValueError(
+                f"`num_labels`={num_labels} but `id2label` names {len(id2label)} classes: give one name per class "
+                "(or leave num_labels out: it is the length of id2label)."
+            )
 
 
 def _is_real(value: Any) -> bool:

@@ -79,6 +79,13 @@ def _safe_torch_load(path: str | os.PathLike) -> Any:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist or is not a file.")
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip or legacy pickle format
+        raise ValueError(
+            f"Checkpoint {str(path)!r} is not a PyTorch checkpoint (it starts with {head!r}, not torch.save's "
+            "format): pass the .pth file the official main.py saved."
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -88,8 +95,11 @@ def _safe_torch_load(path: str | os.PathLike) -> Any:
             f"{str(error).splitlines()[0]}). If you trust its origin, re-save only the state dict in a trusted "
             "environment: torch.save({'model_state_dict': state_dict}, path)."
         ) from error
-    except RuntimeError as error:
-        raise ValueError(f"Could not read {str(path)!r} as a PyTorch checkpoint: {error}") from error
+    except (RuntimeError, KeyError, EOFError) as error:  # a damaged or truncated file
+        raise ValueError(
+            f"Could not read {str(path)!r} as a PyTorch checkpoint ({type(error).__name__}: {error}): it is damaged "
+            "or truncated; pass the .pth file the official main.py saved."
+        ) from error
 
 
 def _unwrap_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
@@ -464,6 +474,9 @@ def convert_main(args: argparse.Namespace) -> int:
     Returns:
         The exit status, 0.
     """
+    from .hub import check_model_folder, save_pretrained_replacing
+
+    check_model_folder(args.output_dir, getattr(args, "overwrite", False))
     state_dict = load_original_state_dict(args.checkpoint)
     sizes = original_checkpoint_sizes(state_dict)
     extra: dict[str, Any] = {}
@@ -489,7 +502,7 @@ def convert_main(args: argparse.Namespace) -> int:
         **extra,
     )
     model = convert_original_checkpoint(state_dict, config, gumbel_scale=args.gumbel_scale)
-    model.save_pretrained(args.output_dir)
+    save_pretrained_replacing(model, args.output_dir)  # an old model's card and pictures go with it
     print(
         f"Converted {args.checkpoint} (C={sizes['num_labels']}, P={sizes['num_prototypes']}, "
         f"S={sizes['num_slots_per_class']}, D={sizes['prototype_dim']}, backbone {args.backbone}) -> {args.output_dir}"

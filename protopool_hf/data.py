@@ -177,7 +177,10 @@ def _build_dataset(
     paths: Sequence[str] | None = None,
     blobs: Sequence[bytes] | None = None,
     bboxes: Sequence[Sequence[float]] | None = None,
+    limit: int | None = None,
 ) -> datasets.Dataset:
+    if limit is not None:  # the first `limit` images
+        labels, paths, blobs, bboxes = (None if v is None else v[:limit] for v in (labels, paths, blobs, bboxes))
     n = len(labels)
     image = pa.StructArray.from_arrays(
         [
@@ -195,6 +198,14 @@ def _build_dataset(
     info = datasets.DatasetInfo(features=datasets.Features(features), dataset_name=dataset)
     ds = datasets.Dataset(pa.table(columns), info=info, split=split)
     return ds.with_transform(_DecodedView())
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(
+            f"limit must be a positive number of images or None, got {limit!r}: pass N >= 1 to use the first N "
+            "images, or None for all."
+        )
 
 
 def _check_split(split: str, allowed: Sequence[str] = _SPLITS) -> None:
@@ -240,12 +251,13 @@ def _scan_image_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
     return paths, labels, classes
 
 
-def load_image_folder(root: str | os.PathLike, name: str | None = None) -> datasets.Dataset:
+def load_image_folder(root: str | os.PathLike, name: str | None = None, limit: int | None = None) -> datasets.Dataset:
     """Load `root/<class name>/<images>` (class folders sorted by name, as torchvision's `ImageFolder`).
 
     Args:
         root: the folder of class folders. Images in nested subfolders of a class folder count for that class.
         name: the dataset's name for provenance; defaults to `"image_folder:<folder name>"`.
+        limit: keep only the first `limit` images (the class names stay all the folder's).
 
     Returns:
         A dataset with `image`, `label` and `index` columns, in class-then-path order.
@@ -254,9 +266,11 @@ def load_image_folder(root: str | os.PathLike, name: str | None = None) -> datas
         FileNotFoundError: `root` does not exist.
         ValueError: `root` holds no class folders, or a class folder holds no images (the message names it).
     """
+    _check_limit(limit)
     root = Path(root).expanduser()
     paths, labels, classes = _scan_image_folder(root)
-    return _build_dataset(labels, classes, name or f"image_folder:{root.resolve().name}", None, paths=paths)
+    dataset = name or f"image_folder:{root.resolve().name}"
+    return _build_dataset(labels, classes, dataset, None, paths=paths, limit=limit)
 
 
 # --------------------------------------------------------------------------- CUB-200-2011
@@ -275,7 +289,9 @@ def _read_table(path: Path, columns: int) -> dict[str, list[str]]:
     return {row[0]: row[1:] for row in rows}
 
 
-def load_cub200(root: str | os.PathLike, split: str = "train", crop_to_bbox: bool = True) -> datasets.Dataset:
+def load_cub200(
+    root: str | os.PathLike, split: str = "train", crop_to_bbox: bool = True, limit: int | None = None
+) -> datasets.Dataset:
     """Load CUB-200-2011 from the official archive layout.
 
     Args:
@@ -283,6 +299,7 @@ def load_cub200(root: str | os.PathLike, split: str = "train", crop_to_bbox: boo
         split: `"train"` (5,994 images) or `"test"` (5,794), from `train_test_split.txt`.
         crop_to_bbox: add the `bbox` column from `bounding_boxes.txt`, so images are cropped to the bird on decode
             (lazily), as in the paper.
+        limit: keep only the first `limit` images.
 
     Returns:
         A dataset in `images.txt` order; class names without their number (`"Black_footed_Albatross"`).
@@ -291,6 +308,7 @@ def load_cub200(root: str | os.PathLike, split: str = "train", crop_to_bbox: boo
         FileNotFoundError: an annotation file or image is missing (the message names it).
     """
     _check_split(split)
+    _check_limit(limit)
     root = Path(root).expanduser()
     base = root / "CUB_200_2011" if (root / "CUB_200_2011").is_dir() else root
     images = _read_table(_require(base / "images.txt", _CUB_LAYOUT), 2)
@@ -314,7 +332,7 @@ def load_cub200(root: str | os.PathLike, split: str = "train", crop_to_bbox: boo
     _check_exist(paths, f"CUB-200-2011 {split}")
     labels = [label_of[class_of[i][0]] for i in keep]
     bboxes = [[float(v) for v in boxes[i]] for i in keep] if crop_to_bbox else None
-    return _build_dataset(labels, names, "cub200", split, paths=paths, bboxes=bboxes)
+    return _build_dataset(labels, names, "cub200", split, paths=paths, bboxes=bboxes, limit=limit)
 
 
 # --------------------------------------------------------------------------- Stanford Cars
@@ -337,7 +355,9 @@ def _loadmat(path: Path) -> dict[str, Any]:
         raise ValueError(f"Cannot read the MATLAB file {path}: {exc}") from exc
 
 
-def load_stanford_cars(root: str | os.PathLike, split: str = "train", crop_to_bbox: bool = False) -> datasets.Dataset:
+def load_stanford_cars(
+    root: str | os.PathLike, split: str = "train", crop_to_bbox: bool = False, limit: int | None = None
+) -> datasets.Dataset:
     """Load Stanford Cars (196 classes) from the devkit layout or from class folders, detected automatically.
 
     Args:
@@ -345,6 +365,7 @@ def load_stanford_cars(root: str | os.PathLike, split: str = "train", crop_to_bb
         split: `"train"` (8,144 images) or `"test"` (8,041).
         crop_to_bbox: add the devkit's boxes as a `bbox` column, so images are cropped on decode. Off by default:
             whether the paper cropped Cars is unknown. Not available in the class-folder layout.
+        limit: keep only the first `limit` images.
 
     Returns:
         A dataset in annotation order (devkit, class names from `cars_meta.mat`) or class-folder order.
@@ -353,19 +374,20 @@ def load_stanford_cars(root: str | os.PathLike, split: str = "train", crop_to_bb
         FileNotFoundError: no known layout, or a missing annotation file or image (the message names it).
     """
     _check_split(split)
+    _check_limit(limit)
     root = Path(root).expanduser()
     for base in (root, root / "stanford_cars"):
         if any((base / d).is_dir() for d in ("devkit", "cars_train", "cars_test")):
-            return _load_cars_devkit(base, split, crop_to_bbox)
+            return _load_cars_devkit(base, split, crop_to_bbox, limit)
         if (base / split).is_dir():
             if crop_to_bbox:
                 raise ValueError(f"{base / split} is in the class-folder layout, which has no boxes to crop to.")
             paths, labels, classes = _scan_image_folder(base / split)
-            return _build_dataset(labels, classes, "stanford_cars", split, paths=paths)
+            return _build_dataset(labels, classes, "stanford_cars", split, paths=paths, limit=limit)
     raise FileNotFoundError(f"No Stanford Cars data found in {root}. Expected {_CARS_LAYOUT}")
 
 
-def _load_cars_devkit(base: Path, split: str, crop_to_bbox: bool) -> datasets.Dataset:
+def _load_cars_devkit(base: Path, split: str, crop_to_bbox: bool, limit: int | None) -> datasets.Dataset:
     names = [
         str(n)
         for n in np.atleast_1d(_loadmat(_require(base / "devkit" / "cars_meta.mat", _CARS_LAYOUT))["class_names"])
@@ -394,7 +416,7 @@ def _load_cars_devkit(base: Path, split: str, crop_to_bbox: bool) -> datasets.Da
     if crop_to_bbox:
         corners = [[float(a[f"bbox_{k}"]) for k in ("x1", "y1", "x2", "y2")] for a in annos]
         bboxes = [[x1, y1, x2 - x1, y2 - y1] for x1, y1, x2, y2 in corners]
-    return _build_dataset(labels, names, "stanford_cars", split, paths=paths, bboxes=bboxes)
+    return _build_dataset(labels, names, "stanford_cars", split, paths=paths, bboxes=bboxes, limit=limit)
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST
@@ -439,8 +461,7 @@ def load_fashion_mnist(
         FileNotFoundError: the files are not there (the message says how to get them).
     """
     _check_split(split)
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of images or None, got {limit}.")
+    _check_limit(limit)
     folder = Path(root if root is not None else FASHION_MNIST_ROOT).expanduser()
     prefix = "train" if split == "train" else "t10k"
     arrays = []

@@ -54,11 +54,14 @@ __all__ = [
     "LIBRARY_NAME",
     "ProtoPoolModelCardData",
     "backbone_hub_id",
+    "check_model_folder",
+    "existing_model_files",
     "load_metrics",
     "merge_model_cards",
     "push_to_hub",
     "render_model_card",
     "save_model_folder",
+    "save_pretrained_replacing",
 ]
 
 logger = logging.getLogger(__name__)
@@ -203,8 +206,8 @@ def render_model_card(
             losses, runtimes and epochs are left out. `None` keeps the evaluation of `existing_card`.
         dataset_name: the Hub dataset id of the training / evaluation data; needed to publish the metrics as
             `model-index` eval results. Defaults to the first of the `datasets` of `card_data` or `existing_card`.
-        training_args: a `transformers.TrainingArguments` or a mapping of hyperparameters. `None` keeps the training
-            section of `existing_card`.
+        training_args: a `transformers.TrainingArguments`, a `ProtoPoolRecipe` or a mapping of hyperparameters.
+            `None` keeps the training section of `existing_card`.
         prototype_files: the prototypes' pictures, relative to the repo root: `{prototype id: path}`, or paths named
             `prototypes/prototype_{id:03d}.png` (other names are ignored). The class table links to them.
         gallery_file: the gallery picture relative to the repo root (e.g. `"prototypes/gallery.png"`).
@@ -489,6 +492,68 @@ def save_model_folder(
     return folder
 
 
+def existing_model_files(folder: str | os.PathLike) -> list[str]:
+    """The files (and `prototypes/`) of a saved model in `folder`: config, weights, card, pictures; [] if none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    names = ("config.json", "preprocessor_config.json", "README.md", PROTOTYPES_DIR)
+    found = [name for name in names if (folder / name).exists()]
+    found += sorted(path.name for path in folder.iterdir() if _WEIGHT_FILES.fullmatch(path.name))
+    return found
+
+
+def check_model_folder(folder: str | os.PathLike, overwrite: bool = False, argument: str = "output_dir") -> None:
+    """Refuse to write a model into `folder` when it is a file, or holds a saved model and `overwrite` is False.
+
+    Raises:
+        NotADirectoryError: `folder` is a file.
+        FileExistsError: `folder` holds a model (the message lists its files and says how to replace it).
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{argument} {str(folder)!r} is a file: pass a folder path for the model.")
+    found = existing_model_files(folder)
+    if found and not overwrite:
+        raise FileExistsError(
+            f"{argument} {str(folder)!r} already holds a saved model ({', '.join(found)}): pass overwrite=True "
+            "(--overwrite) to replace it, or choose another folder."
+        )
+
+
+def save_pretrained_replacing(model: torch.nn.Module, folder: str | os.PathLike) -> Path:
+    """`save_pretrained` into `folder`, replacing the model saved there, if any, in one atomic swap.
+
+    The old model's files go as a whole: weights, config, card (README.md), prototype pictures and metric files; a
+    reader sees the complete old folder or the complete new one, never a mix. Other files (a run's phase folders and
+    checkpoints, logs) are carried over as hard links. Refusing an existing model unless asked is the caller's job
+    ([`check_model_folder`]).
+
+    Args:
+        model: a `ProtoPoolForImageClassification`.
+        folder: the target folder; created if missing.
+
+    Returns:
+        The folder.
+    """
+    folder = Path(folder).absolute()
+    _finish_interrupted_swap(folder)
+    old_exists = folder.is_dir()
+    if folder.exists() and not old_exists:
+        raise NotADirectoryError(f"{folder} exists and is not a folder: pass a folder path for the model.")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.protopool-", suffix=".new", dir=folder.parent))
+    try:
+        model.save_pretrained(staging)
+        if old_exists:
+            _carry_over(folder, staging, drop=(*_METRIC_FILES, "trainer_state.json"))
+        _swap_in(staging, folder, old_exists)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return folder
+
+
 # --------------------------------------------------------------------------- push
 
 
@@ -714,13 +779,17 @@ def _model_table(model: torch.nn.Module) -> str:
 
 
 def _training_text(training_args: Any | None) -> str:
+    from transformers import TrainingArguments
+
     if training_args is None:
         return "The training hyperparameters were not recorded with this card."
-    if hasattr(training_args, "to_dict") and not isinstance(training_args, Mapping):
+    if isinstance(training_args, TrainingArguments):
         raw = training_args.to_dict()
         items = [(key, raw[key]) for key in _TRAINING_ARGS if raw.get(key) not in (None, -1, False, "")]
     elif isinstance(training_args, Mapping):
         items = list(training_args.items())
+    elif hasattr(training_args, "to_dict"):  # a ProtoPoolRecipe: every hyperparameter of the run
+        items = list(training_args.to_dict().items())
     else:
         raise ValueError(
             f"training_args must be a transformers.TrainingArguments or a mapping, got {type(training_args).__name__}."
@@ -841,8 +910,8 @@ def _same_projection(model: torch.nn.Module, folder: Path) -> bool:
     return model.config.projection_dataset == _read_json(folder / "config.json").get("projection_dataset")
 
 
-def _carry_over(old: Path, new: Path) -> None:
-    """Hard-link into `new` every file of `old` that `new` lacks, except stale weights, pictures and the card.
+def _carry_over(old: Path, new: Path, drop: Sequence[str] = ()) -> None:
+    """Hard-link into `new` every file of `old` that `new` lacks, except stale weights, pictures, the card and `drop`.
 
     Nothing is written into a linked file afterwards (README.md, which is written next, is never linked), so the old
     folder stays as it was until the swap.
@@ -852,6 +921,8 @@ def _carry_over(old: Path, new: Path) -> None:
         if path.is_dir() or (new / relative).exists() or relative.as_posix() == "README.md":
             continue
         if relative.parts[0] == PROTOTYPES_DIR or _WEIGHT_FILES.fullmatch(relative.as_posix()):
+            continue
+        if relative.as_posix() in drop:
             continue
         (new / relative).parent.mkdir(parents=True, exist_ok=True)
         _link_or_copy(path, new / relative)

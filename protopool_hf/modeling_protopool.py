@@ -177,6 +177,7 @@ class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
             pretrained=pretrained,
             feature_stage=config.feature_stage,
             input_size=config.data_config()["input_size"],
+            require_spatial_map=True,
             **config.backbone_kwargs,
         )
         if pretrained:

@@ -45,6 +45,7 @@ from .callbacks import (
     sync_buffers_from_main,
     warn_if_scale_is_fixed,
 )
+from .hub import check_model_folder, save_pretrained_replacing
 from .losses import LOSS_TERM_NAMES, weighted_total
 
 
@@ -838,28 +839,32 @@ def _checkpoints(folder: Path) -> list[Path]:
 
 
 def _resume_plan(
-    output_dir: Path, resume_from_checkpoint: str | bool | None
+    output_dir: Path, resume_from_checkpoint: str | bool | None, overwrite: bool = False
 ) -> tuple[set[str], str | None, str | None]:
-    """(completed stages, the phase to resume, its checkpoint) from the markers and the resume argument."""
+    """(completed stages, the phase to resume, its checkpoint) from the markers and the resume argument.
+
+    Starting afresh with `overwrite` ignores a previous run (the caller removes it).
+    """
     completed = {stage for stage in _STAGES if (output_dir / stage / _MARKER).is_file()}
     prefix = set()
     for stage in _STAGES:
         if stage not in completed:
             break
         prefix.add(stage)
-    if completed != prefix:
+    if completed != prefix and not (overwrite and not resume_from_checkpoint):
         raise ValueError(
             f"{output_dir} has phase markers out of order ({sorted(completed)}): it was not written by one run of "
             "train_protopool. Use a fresh output_dir."
         )
     if not resume_from_checkpoint:
         leftovers = completed or any(_checkpoints(output_dir / phase) for phase in PHASES)
-        if leftovers:
+        if leftovers and not overwrite:
             raise ValueError(
                 f"{output_dir} holds a previous run (finished phases {sorted(completed)} or checkpoints): pass "
-                "resume_from_checkpoint=True to continue it, or choose another output_dir."
+                "resume_from_checkpoint=True to continue it, overwrite=True to start afresh (the previous run is "
+                "deleted), or choose another output_dir."
             )
-        return completed, None, None
+        return set(), None, None
     if resume_from_checkpoint is True:
         current = next((s for s in _STAGES if s not in completed), None)
         if current not in PHASES:
@@ -892,6 +897,8 @@ def train_protopool(
     callbacks: Sequence[TrainerCallback] = (),
     resume_from_checkpoint: str | bool | None = None,
     projection_dataset_name: str | None = None,
+    test_dataset: Any = None,
+    overwrite: bool = False,
 ) -> RecipeResult:
     """Run the whole ProtoPool recipe with `Trainer`: warm-up, joint, projection, last-layer fine-tuning.
 
@@ -914,7 +921,8 @@ def train_protopool(
     writes `<phase>/phase_complete.json`. With `resume_from_checkpoint=True` completed phases are skipped and the
     phase in progress continues from its last checkpoint with the same optimizer, scheduler, RNG, data order,
     augmentation, mixup and Gumbel scale: on the CPU with a fixed seed the final weights equal an uninterrupted
-    run's. The final model is saved to `output_dir` with `save_pretrained`. Under DDP (`torchrun`, `accelerate
+    run's. The final model is saved to `output_dir` with `save_pretrained`, replacing a model saved there only with
+    `overwrite=True`, in one atomic swap that drops the old model's card and pictures. Under DDP (`torchrun`, `accelerate
     launch`) call it on every process; end the script with [`finish_distributed`].
 
     Args:
@@ -931,6 +939,10 @@ def train_protopool(
             continues that phase from that checkpoint; None/False starts afresh (and refuses a non-empty run folder).
         projection_dataset_name: provenance recorded with the projection; by default a `datasets.Dataset`'s name,
             else its fingerprint.
+        test_dataset: the test split (eval transform), evaluated once with the final model: `metrics["test"]`
+            holds `test_*` metrics. Its class names must be the training split's.
+        overwrite: replace a model already saved in `output_dir` (config.json, weights, card, prototypes/) and start
+            afresh over a previous run's phases; without it such a folder is refused before anything is done.
 
     Returns:
         A [`RecipeResult`].
@@ -953,10 +965,17 @@ def train_protopool(
         )
     if not hasattr(model, "harden_assignment"):
         raise TypeError(f"train_protopool needs a ProtoPoolForImageClassification, got {type(model).__name__}.")
+    if model.config.num_labels < 2:
+        raise ValueError(
+            f"The model has num_labels={model.config.num_labels} ({list(model.config.id2label.values())}): a "
+            "classifier needs at least two classes to learn anything. Give the dataset two or more classes (an "
+            "image folder: one sub-folder per class)."
+        )
     for argument, dataset in (
         ("train_dataset", train_dataset),
         ("eval_dataset", eval_dataset),
         ("projection_dataset", projection_dataset),
+        ("test_dataset", test_dataset),
     ):
         _check_class_names(model.config, dataset, argument)
     try:  # fail before the warm-up, not when the joint phase starts
@@ -970,7 +989,16 @@ def train_protopool(
     recipe.training_arguments("warmup", evaluate)
     is_main, barrier = _distributed()
 
-    completed, resume_phase, resume_checkpoint = _resume_plan(output_dir, resume_from_checkpoint)
+    completed, resume_phase, resume_checkpoint = _resume_plan(output_dir, resume_from_checkpoint, overwrite)
+    continuing = bool(resume_from_checkpoint) and (completed or resume_checkpoint is not None)
+    if not continuing:  # a model in the folder is not this run's: replace it only when asked
+        check_model_folder(output_dir, overwrite)
+    if completed or resume_checkpoint is not None:
+        _check_resumed_config(model.config, output_dir, completed, resume_checkpoint)
+    if is_main and not resume_from_checkpoint:  # a previous run allowed by `overwrite`: start afresh
+        for stage in _STAGES:
+            shutil.rmtree(output_dir / stage, ignore_errors=True)
+        (output_dir / _RECIPE_FILE).unlink(missing_ok=True)
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         recipe_file = output_dir / _RECIPE_FILE
@@ -1055,10 +1083,74 @@ def train_protopool(
 
     if loaded_through != _STAGES[-1]:  # every stage was already complete: the final weights are on disk
         _load_stage_model(model, output_dir / _STAGES[-1] / "final")
+    if test_dataset is not None:
+        metrics["test"] = _evaluate_test(model, recipe, test_dataset, data_collator, compute_metrics)
     if is_main:
-        model.save_pretrained(output_dir)
+        save_pretrained_replacing(model, output_dir)
     barrier()
     return RecipeResult(model=model, output_dir=str(output_dir), metrics=metrics, projection=projection)
+
+
+def _evaluate_test(
+    model: nn.Module,
+    recipe: ProtoPoolRecipe,
+    test_dataset: Any,
+    data_collator: Callable,
+    compute_metrics: Callable | None,
+) -> dict[str, float]:
+    """`test_*` metrics of the final model; `epoch` is the run's last epoch (all phases together)."""
+    trainer = ProtoPoolTrainer(
+        model=model,
+        args=recipe.training_arguments("finetune", evaluate=False),
+        data_collator=data_collator,
+        compute_metrics=compute_metrics,
+        phase="finetune",
+    )
+    metrics = trainer.evaluate(test_dataset, metric_key_prefix="test")
+    trainer.accelerator.free_memory()
+    metrics["epoch"] = float(recipe.epoch_offset("finetune") + recipe.finetune_epochs)
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+#: Config fields that fix the shapes of the weights: a resumed run must keep them.
+_ARCHITECTURE_FIELDS = (
+    "backbone",
+    "feature_stage",
+    "num_labels",
+    "num_prototypes",
+    "num_slots_per_class",
+    "prototype_dim",
+    "input_size",
+)
+
+
+def _check_resumed_config(config: Any, output_dir: Path, completed: set[str], checkpoint: str | None) -> None:
+    """Refuse to resume a run with a model whose architecture or classes differ from those the run saved."""
+    candidates = [Path(checkpoint) / "config.json"] if checkpoint else []
+    candidates += [output_dir / stage / "final" / "config.json" for stage in reversed(_STAGES) if stage in completed]
+    saved_file = next((path for path in candidates if path.is_file()), None)
+    if saved_file is None:
+        return
+    saved = json.loads(saved_file.read_text())
+    saved_labels = {int(k): v for k, v in (saved.get("id2label") or {}).items()}
+    saved["num_labels"] = len(saved_labels) if saved_labels else saved.get("num_labels")
+    for field_name in _ARCHITECTURE_FIELDS:
+        ours, theirs = getattr(config, field_name, None), saved.get(field_name)
+        if isinstance(ours, tuple | list):
+            ours, theirs = list(ours), list(theirs) if isinstance(theirs, tuple | list) else theirs
+        if ours != theirs:
+            break
+    else:
+        ours = {int(k): v for k, v in config.id2label.items()}
+        if not saved_labels or ours == saved_labels:
+            return
+        field_name, wrong = "id2label", next(i for i in sorted(ours) if ours[i] != saved_labels.get(i))
+        ours, theirs = f"{{{wrong}: {ours[wrong]!r}, ...}}", f"{{{wrong}: {saved_labels.get(wrong)!r}, ...}}"
+    raise ValueError(
+        f"Cannot resume {output_dir}: the model's {field_name}={ours} differs from the run's {field_name}={theirs} "
+        f"(in {saved_file}). Resume with the settings of the first run, or start a new run (another output_dir, or "
+        "overwrite=True without resuming)."
+    )
 
 
 def _run_phase(
@@ -1108,6 +1200,8 @@ def _run_phase(
     )
     trainer.train(resume_from_checkpoint=checkpoint)
     metrics = trainer.evaluate() if evaluate and args.eval_strategy != "no" else {}
+    if "epoch" in metrics:  # the run's epoch, counted over the phases as the Gumbel schedule counts
+        metrics["epoch"] = offset + metrics["epoch"]
     trainer.accelerator.free_memory()
     del trainer
     gc.collect()

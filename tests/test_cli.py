@@ -138,7 +138,12 @@ def test_train_then_explain_on_fashion_mnist(tmp_path, capsys):
     args += ["--finetune-epochs", "1", "--batch-size", "32", "--cpu", "--output-dir", str(out)]
     args += ["--cluster-weight", "0.2", "--separation-weight", "0.02", "--last-layer-connection", "10"]
     args += ["--finetune-lr", "0.01", "--backbone-lr", "0.002", "--frozen-backbone-stages", "1"]
-    assert main(args) == 0
+    args += ["--dataset-name", "zalando-datasets/fashion_mnist"]
+    out.mkdir()  # an older model in the folder: refused, then replaced with --overwrite
+    (out / "README.md").write_text("the card of an older model")
+    assert main(args) == 2
+    _one_line_error(capsys, containing=f"--output-dir '{out}' already holds a saved model (README.md): pass --overwrite")
+    assert main([*args, "--overwrite"]) == 0
     files = {path.name for path in out.iterdir()}
     assert {"config.json", "model.safetensors", "README.md", "prototypes", "preprocessor_config.json"} <= files
     config = json.loads((out / "config.json").read_text())
@@ -151,6 +156,8 @@ def test_train_then_explain_on_fashion_mnist(tmp_path, capsys):
     assert (out / "prototypes" / "gallery.png").is_file()
     printed = capsys.readouterr().out
     assert '"test_accuracy"' in printed
+    card = (out / "README.md").read_text()
+    assert "older model" not in card and "dataset:\n      name: zalando-datasets/fashion_mnist" in card
 
     from protopool_hf.data import load_fashion_mnist
 
@@ -323,7 +330,9 @@ def test_project_refuses_a_folder_with_files_unless_overwrite(tmp_path, model_fo
     (out / "README.md").write_text("another model")
     argv = ["project", str(model_folder), "--dataset", "folder", "--data-root", str(tmp_path / "nowhere")]
     assert main([*argv, "--output-dir", str(out)]) == 2
-    _one_line_error(capsys, containing=f"--output-dir '{out}' already holds files (a model?): pass --overwrite")
+    _one_line_error(
+        capsys, containing=f"--output-dir '{out}' already holds a saved model (README.md): pass --overwrite to"
+    )
     assert main([*argv, "--output-dir", str(out), "--overwrite"]) == 2  # now it gets as far as the dataset
     _one_line_error(capsys, containing="nowhere")
     assert [path.name for path in out.iterdir()] == ["README.md"]
@@ -336,7 +345,9 @@ def test_convert_refuses_a_folder_with_files_unless_overwrite(tmp_path, capsys):
     out.mkdir()
     (out / "config.json").write_text("{}")
     assert main(["convert", str(checkpoint), str(out)]) == 2
-    _one_line_error(capsys, containing=f"OUTPUT_DIR '{out}' already holds files (a model?): pass --overwrite")
+    _one_line_error(
+        capsys, containing=f"OUTPUT_DIR '{out}' already holds a saved model (config.json): pass --overwrite to"
+    )
     assert main(["convert", str(checkpoint), str(out), "--overwrite"]) == 2  # now it reads the checkpoint
     _one_line_error(capsys, containing=str(checkpoint))
     assert (out / "config.json").read_text() == "{}"

@@ -71,14 +71,19 @@ def create_backbone(
             f"`backbone_kwargs` key {unexpected.group(1)!r} is not an argument of timm's {name!r} "
             f"({str(error).splitlines()[0]}): remove it, or use a keyword of timm.create_model or of the model class."
         ) from None
-    except (pickle.UnpicklingError, EOFError, KeyError) as error:
-        if weights_file is None:
+    except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError) as error:
+        unreadable = isinstance(error, RuntimeError) and (
+            "weights_only" in str(error) or isinstance(error.__cause__, pickle.UnpicklingError)
+        )
+        if weights_file is None or (isinstance(error, RuntimeError) and not unreadable):
             raise
+        # timm's own message advises weights_only=False, which would run code from the file: never repeat it.
         raise ValueError(
-            f"Cannot read the pretrained weights file {str(weights_file)!r} for backbone {name!r}: it is not a "
-            "state dict of tensors (torch.load(..., weights_only=True) refused it). Pass a .safetensors file, or a "
-            ".pth/.bin file holding only the backbone's state dict (torch.save(model.state_dict(), path))."
-        ) from error
+            f"Cannot read the pretrained weights file {str(weights_file)!r} for backbone {name!r}: it is damaged or "
+            "holds pickled objects other than tensors, which are refused because loading them can run code. Pass a "
+            ".safetensors file, or a .pth/.bin file holding only the backbone's state dict "
+            "(torch.save(model.state_dict(), path))."
+        ) from None
     if feature_stage is not None:
         _prune_after_stage(model, feature_stage)
     probe_kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg_overlay", "checkpoint_path")}

@@ -989,9 +989,10 @@ def train_protopool(
     recipe.training_arguments("warmup", evaluate)
     is_main, barrier = _distributed()
 
+    if not resume_from_checkpoint:  # a model in the folder is replaced only when asked
+        check_model_folder(output_dir, overwrite)
     completed, resume_phase, resume_checkpoint = _resume_plan(output_dir, resume_from_checkpoint, overwrite)
-    continuing = bool(resume_from_checkpoint) and (completed or resume_checkpoint is not None)
-    if not continuing:  # a model in the folder is not this run's: replace it only when asked
+    if resume_from_checkpoint and not completed and resume_checkpoint is None:  # nothing to resume: a fresh start
         check_model_folder(output_dir, overwrite)
     if completed or resume_checkpoint is not None:
         _check_resumed_config(model.config, output_dir, completed, resume_checkpoint)

@@ -554,10 +554,12 @@ def test_a_model_loads_under_inference_mode(saved):
         _load_and_compare(model, folder)
 
 
-def test_a_backbone_whose_last_map_is_1x1_builds_and_trains():
-    model = ProtoPoolForImageClassification(ProtoPoolConfig(**TINY, input_size=[3, 32, 32]))  # test_resnet: 32x down
-    assert model.feature_map(torch.randn(2, 3, 32, 32)).shape[-2:] == (1, 1)
-    model.train()(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 1])).loss.backward()
+def test_a_backbone_whose_last_map_is_1x1_is_refused():
+    # test_resnet downsamples 32x: one position, min distance = mean distance, similarity 0 (issue 12).
+    with pytest.raises(ValueError, match=r"1×1 feature map from 32×32 images.*earlier `feature_stage`"):
+        ProtoPoolForImageClassification(ProtoPoolConfig(**TINY, input_size=[3, 32, 32]))
+    model = ProtoPoolForImageClassification(ProtoPoolConfig(**TINY, input_size=[3, 64, 64]))  # 2×2 trains
+    model.train()(torch.randn(2, 3, 64, 64), labels=torch.tensor([0, 1])).loss.backward()
 
 
 # --------------------------------------------------------------------------- determinism

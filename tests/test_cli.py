@@ -142,7 +142,9 @@ def test_train_then_explain_on_fashion_mnist(tmp_path, capsys):
     out.mkdir()  # an older model in the folder: refused, then replaced with --overwrite
     (out / "README.md").write_text("the card of an older model")
     assert main(args) == 2
-    _one_line_error(capsys, containing=f"--output-dir '{out}' already holds a saved model (README.md): pass --overwrite")
+    _one_line_error(
+        capsys, containing=f"--output-dir '{out}' already holds a saved model (README.md): pass --overwrite"
+    )
     assert main([*args, "--overwrite"]) == 0
     files = {path.name for path in out.iterdir()}
     assert {"config.json", "model.safetensors", "README.md", "prototypes", "preprocessor_config.json"} <= files

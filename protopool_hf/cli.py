@@ -312,7 +312,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_project(args: argparse.Namespace) -> int:
     """`protopool-hf project`."""
-    from .data import dataset_name, make_transforms
+    from .data import make_transforms
     from .hub import check_model_folder, save_model_folder
     from .modeling_protopool import ProtoPoolForImageClassification
     from .projection import project_prototypes
@@ -336,7 +336,8 @@ def cmd_project(args: argparse.Namespace) -> int:
             "trained on."
         )
     data = raw_train.with_transform(make_transforms(model.config, train=False, skip_bad_images=args.skip_bad_images))
-    result = project_prototypes(model, data, batch_size=args.batch_size, dataset_name=dataset_name(raw_train))
+    # The default name is the one the pictures are checked against (projection.default_dataset_name).
+    result = project_prototypes(model, data, batch_size=args.batch_size)
     print(result.summary())
     save_model_folder(model, args.output_dir, dataset=raw_train)
     print(f"Projected model and prototype pictures in {args.output_dir}")

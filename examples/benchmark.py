@@ -8,6 +8,7 @@ a shared, noisy machine slows both alike; ratios are the numbers to quote.
     python examples/benchmark.py projection                                # project_prototypes vs an eval pass
     python examples/benchmark.py speed                                     # step time, throughput, memory
     python examples/benchmark.py accuracy                                  # ProtoPool vs a linear head, Fashion-MNIST
+    python examples/benchmark.py cli                                       # `protopool-hf [COMMAND] --help` start-up
 
 `--quick` shrinks every subcommand to a check of a few seconds to a few minutes. The CUB setting is C=200
 classes, P=202 prototypes, S=10 slots, D=256 (`ProtoPoolConfig.from_preset("cub200")`); backbones are built with
@@ -704,6 +705,41 @@ def bench_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- cli
+CLI_COMMANDS = ("", "train", "project", "explain", "push", "convert")
+
+
+def bench_cli(args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds of `protopool-hf --help` and `protopool-hf COMMAND --help`, each in a fresh Python process.
+
+    The processes run `python -m protopool_hf.cli` with this checkout first on PYTHONPATH (what the console script
+    runs); the commands alternate within each repetition, and the median of the repetitions is reported.
+    """
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(EXAMPLES.parent), os.environ.get("PYTHONPATH")])),
+    }
+    repeats = 3 if args.quick else args.repeats
+    samples: dict[str, list[float]] = {command: [] for command in CLI_COMMANDS}
+    for _ in range(repeats):
+        for command in CLI_COMMANDS:
+            argv = [sys.executable, "-m", "protopool_hf.cli", *([command] if command else []), "--help"]
+            start = time.perf_counter()
+            subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
+            samples[command].append(time.perf_counter() - start)
+    check = "import sys, protopool_hf.cli; print(int('torch' in sys.modules or 'transformers' in sys.modules))"
+    heavy = subprocess.run([sys.executable, "-c", check], env=env, check=True, capture_output=True, text=True)
+    rows, results = [], {}
+    for command, times in samples.items():
+        name = f"protopool-hf {command} --help".replace("  ", " ")
+        results[name] = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+        rows.append([name, f"{statistics.median(times):.3f}", f"{min(times):.3f}", f"{max(times):.3f}"])
+    print_table(f"CLI start-up, {repeats} fresh processes each", ["command", "median s", "min s", "max s"], rows)
+    imports_heavy = heavy.stdout.strip() == "1"
+    print(f"`import protopool_hf.cli` imports torch or transformers: {imports_heavy}")
+    return {"machine": machine(), "repeats": repeats, "commands": results, "cli_imports_torch": imports_heavy}
+
+
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -764,6 +800,10 @@ def main(argv: list[str] | None = None) -> None:
         "stage, average-pooled (the gap that the head alone makes)",
     )
 
+    p = sub.add_parser("cli", help="`protopool-hf --help` and every `COMMAND --help`, in fresh processes")
+    common(p, "cli")
+    p.add_argument("--repeats", type=int, default=5)
+
     p = sub.add_parser("_memory", help=argparse.SUPPRESS)
     p.add_argument("--backbone", required=True)
     p.add_argument("--kind", choices=("protopool", "linear"), required=True)
@@ -775,7 +815,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "_memory":
         _memory_child(args)
         return
-    run = {"head": bench_head, "projection": bench_projection, "speed": bench_speed, "accuracy": bench_accuracy}
+    run = {
+        "head": bench_head,
+        "projection": bench_projection,
+        "speed": bench_speed,
+        "accuracy": bench_accuracy,
+        "cli": bench_cli,
+    }
     payload = run[args.command](args)
     write_json(args.output, {"benchmark": args.command, "quick": args.quick, **payload})
 

@@ -1,7 +1,11 @@
 """The `protopool-hf` command line: train | project | explain | push | convert.
 
 Heavy libraries (torch, timm, transformers) are imported inside the subcommands, so `protopool-hf --help` answers at
-once. Every subcommand is a function `cmd_<name>(args) -> int`; `main(argv)` parses and dispatches.
+once (`import protopool_hf` is light too; it registers the Auto classes when transformers' are first imported). Every
+subcommand is a function `cmd_<name>(args) -> int`; `main(argv)` parses and dispatches. Every error is one line on
+stderr with exit status 2 (`--debug` re-raises it with its traceback); the command-line paths (model, image, output)
+are checked before any work is done, and library advice is reworded to name this command line's flags
+(`protopool_hf.cli_messages`).
 
 Examples:
     protopool-hf train --dataset fashion-mnist --backbone resnet18 --output-dir runs/fmnist
@@ -16,20 +20,64 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .cli_messages import (
+    check_image_file,
+    check_model_source,
+    check_output_path,
+    cli_log_wording,
+    error_line,
+    model_load_error,
+    non_negative_int,
+    positive_int,
+    quiet_transformers_loading,
+)
+
 
 __all__ = ["build_parser", "main"]
 
 DATASETS = ("fashion-mnist", "cub200", "cars196", "folder")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An `ArgumentParser` whose usage errors are one line (exit status 2) and whose help shows the defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to every option with a real default that its help does not already state."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or action.default in (None, False, argparse.SUPPRESS)
+            or "default" in text
+            or action.nargs == 0
+        ):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="protopool-hf", description="ProtoPool interpretable image classifiers on timm backbones."
-    )
+    parser = _Parser(prog="protopool-hf", description="ProtoPool interpretable image classifiers on timm backbones.")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Every subcommand also takes --debug (after its name); SUPPRESS keeps the global value when it is not given.
+    debug = _Parser(add_help=False)
+    debug.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="on an error, show the Python traceback"
+    )
 
-    train = commands.add_parser("train", help="run the whole recipe: warm-up, joint, projection, fine-tuning")
+    train = commands.add_parser(
+        "train", parents=[debug], help="run the whole recipe: warm-up, joint, projection, fine-tuning"
+    )
     _add_data_arguments(train)
     model = train.add_argument_group("model")
     model.add_argument("--preset", choices=("cub200", "cars196"), help="the paper's sizes and backbone")
@@ -47,28 +95,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--last-layer-connection", type=float, help="initial last-layer weight of a slot to its class (official 1)"
     )
     recipe = train.add_argument_group("recipe (defaults: the official code's)")
-    recipe.add_argument("--warmup-epochs", type=int, default=9)
-    recipe.add_argument("--joint-epochs", type=int, default=21)
-    recipe.add_argument("--finetune-epochs", type=int, default=25)
+    recipe.add_argument("--warmup-epochs", type=non_negative_int, default=9, help="epochs of the warm-up phase")
+    recipe.add_argument("--joint-epochs", type=non_negative_int, default=21, help="epochs of the joint phase")
+    recipe.add_argument(
+        "--finetune-epochs", type=non_negative_int, default=25, help="epochs of last-layer fine-tuning"
+    )
     recipe.add_argument("--lr", type=float, default=1e-3, help="base learning rate (head 3·lr, backbone lr/10)")
     recipe.add_argument("--backbone-lr", type=float, help="backbone lr in the joint phase (default: lr/10)")
     recipe.add_argument("--finetune-lr", type=float, help="last-layer lr in fine-tuning (default: lr/10)")
     recipe.add_argument(
         "--frozen-backbone-stages",
-        type=int,
+        type=non_negative_int,
         default=0,
-        help="keep the backbone's stem and this many first stages frozen in the joint phase (default 0: train all)",
+        help="keep the backbone's stem and this many first stages frozen in the joint phase (0: train all)",
     )
-    recipe.add_argument("--batch-size", type=int, default=80, help="per-device batch size")
+    recipe.add_argument("--batch-size", type=positive_int, default=80, help="per-device batch size")
     recipe.add_argument("--mixup-alpha", type=float, default=0.5, help="0 turns mixup off")
     recipe.add_argument("--gumbel-per-step", action="store_true", help="update the Gumbel scale every step")
     recipe.add_argument("--augment", choices=("timm", "official"), default="timm", help="training augmentation")
     recipe.add_argument("--val-fraction", type=float, default=0.1, help="validation split carved from training data")
-    recipe.add_argument("--seed", type=int, default=0)
-    recipe.add_argument("--num-workers", type=int, default=0)
+    recipe.add_argument("--seed", type=int, default=0, help="seed of the data order, augmentation and initial weights")
+    recipe.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader worker processes")
     recipe.add_argument("--bf16", action="store_true", help="bf16 autocast (distances stay float32)")
     recipe.add_argument("--cpu", action="store_true", help="train on the CPU even with a GPU")
-    train.add_argument("--output-dir", type=Path, required=True)
+    train.add_argument("--output-dir", type=Path, required=True, help="folder for the run and the final model")
+    train.add_argument(
+        "--dataset-name", help="Hub dataset id of the training data: the card then publishes its metrics (model-index)"
+    )
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace the model already in --output-dir (default: refuse)"
+    )
     train.add_argument(
         "--resume-from-checkpoint",
         nargs="?",
@@ -77,31 +133,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in --output-dir (or from this phase checkpoint path)",
     )
 
-    project = commands.add_parser("project", help="project a model's prototypes onto a dataset's training images")
+    project = commands.add_parser(
+        "project", parents=[debug], help="project a model's prototypes onto a dataset's training images"
+    )
     project.add_argument("model", help="model folder or Hub repo id")
     _add_data_arguments(project)
     project.add_argument("--output-dir", type=Path, required=True, help="folder for the projected model")
-    project.add_argument("--batch-size", type=int, default=64)
+    project.add_argument(
+        "--overwrite", action="store_true", help="replace the files already in --output-dir (default: refuse)"
+    )
+    project.add_argument("--batch-size", type=positive_int, default=64, help="images per projection batch")
 
-    explain = commands.add_parser("explain", help="explain one image as a 'this looks like that' picture")
+    explain = commands.add_parser(
+        "explain", parents=[debug], help="explain one image as a 'this looks like that' picture"
+    )
     explain.add_argument("model", help="model folder or Hub repo id")
-    explain.add_argument("image", type=Path)
+    explain.add_argument("image", type=Path, help="image file")
     explain.add_argument("--out", type=Path, required=True, help="PNG file to write")
-    explain.add_argument("--top-k", type=int, default=3, help="classes to list")
+    explain.add_argument("--top-k", type=positive_int, default=3, help="classes to list")
     explain.add_argument("--class-id", type=int, help="explain this class instead of the predicted one")
-    explain.add_argument("--json", action="store_true", help="also print the explanation as JSON")
+    explain.add_argument(
+        "--json", action="store_true", help="also print the explanation as JSON (the slots of the --top-k classes)"
+    )
 
-    push = commands.add_parser("push", help="push a model folder to the Hub in one commit, with pictures and card")
-    push.add_argument("folder", type=Path)
-    push.add_argument("repo_id")
-    push.add_argument("--private", action="store_true")
-    push.add_argument("--revision")
-    push.add_argument("--commit-message", default="Upload ProtoPool model")
+    push = commands.add_parser(
+        "push", parents=[debug], help="push a model folder to the Hub in one commit, with pictures and card"
+    )
+    push.add_argument("folder", type=Path, help="model folder (written by train, project, convert or save_pretrained)")
+    push.add_argument("repo_id", help="Hub repo id, e.g. my-org/protopool-cub")
+    push.add_argument("--private", action="store_true", help="create the repo as private")
+    push.add_argument("--revision", help="branch to push to (default: main)")
+    push.add_argument("--commit-message", default="Upload ProtoPool model", help="message of the Hub commit")
 
-    convert = commands.add_parser("convert", help="convert a checkpoint of the official ProtoPool code")
+    convert = commands.add_parser(
+        "convert", parents=[debug], help="convert a checkpoint of the official ProtoPool code"
+    )
     convert.add_argument("checkpoint", type=Path, help="official best_model.pth / best_model_push.pth")
     convert.add_argument("output_dir", type=Path, help="folder for the converted model")
     convert.add_argument("--backbone", default="resnet50", help="timm name of the official --arch (also for --inat)")
+    convert.add_argument(
+        "--overwrite", action="store_true", help="replace the model already in OUTPUT_DIR (default: refuse)"
+    )
     convert.add_argument("--labels", type=Path, help="text file with one class name per line, in training order")
     convert.add_argument("--gumbel-scale", type=float, default=1e4, help="assignment scale (official final: 1e4)")
     return parser
@@ -115,7 +187,10 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="dataset folder (fashion-mnist: the idx files, default Debian's; folder: with train/ and test/ or classes)",
     )
-    group.add_argument("--limit", type=int, help="use only the first N training images (quick runs)")
+    group.add_argument("--limit", type=positive_int, help="use only the first N training images (quick runs)")
+    group.add_argument(
+        "--skip-bad-images", action="store_true", help="skip unreadable images (one warning each) instead of stopping"
+    )
 
 
 # ---------------------------------------------------------------------------- data
@@ -153,6 +228,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .modeling_protopool import ProtoPoolForImageClassification
     from .training import ProtoPoolRecipe, finish_distributed, split_train_validation, train_protopool
 
+    check_output_path("--output-dir", args.output_dir, folder=True)
     raw_train, raw_test = load_splits(args.dataset, args.data_root, args.limit)
     names = _labels(raw_train)
     overrides: dict[str, Any] = {
@@ -201,24 +277,32 @@ def cmd_train(args: argparse.Namespace) -> int:
         use_cpu=args.cpu,
         bf16=args.bf16,
     )
-    eval_transform = make_transforms(config, train=False)
+    skip = args.skip_bad_images
+    eval_transform = make_transforms(config, train=False, skip_bad_images=skip)
     result = train_protopool(
         model,
-        train.with_transform(make_transforms(config, train=True, recipe=args.augment, seed=args.seed)),
+        train.with_transform(
+            make_transforms(config, train=True, recipe=args.augment, seed=args.seed, skip_bad_images=skip)
+        ),
         val.with_transform(eval_transform) if len(val) else None,
         train.with_transform(eval_transform),
         recipe,
         data_collator=collate_fn,
         resume_from_checkpoint=args.resume_from_checkpoint,
         test_dataset=raw_test.with_transform(eval_transform) if raw_test is not None else None,
-        overwrite=getattr(args, "overwrite", False),
+        overwrite=args.overwrite,
     )
     final = result.metrics.get("finetune", {})
     metrics: dict[str, Any] = {k.replace("eval_", "validation_", 1): v for k, v in final.items()}
     metrics.update(result.metrics.get("test", {}))
     if _is_main_process():
         save_model_folder(
-            result.model, args.output_dir, dataset=raw_train, metrics=metrics, training_args=recipe.to_dict()
+            result.model,
+            args.output_dir,
+            dataset=raw_train,
+            metrics=metrics,
+            dataset_name=args.dataset_name,
+            training_args=recipe.to_dict(),
         )
         print(json.dumps(metrics, indent=2, sort_keys=True))
         print(f"Projected model, prototype pictures and model card in {args.output_dir}")
@@ -228,12 +312,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_project(args: argparse.Namespace) -> int:
     """`protopool-hf project`."""
-    from .data import dataset_name, make_transforms
-    from .hub import save_model_folder
+    from .data import make_transforms
+    from .hub import check_model_folder, save_model_folder
     from .modeling_protopool import ProtoPoolForImageClassification
     from .projection import project_prototypes
 
-    model = ProtoPoolForImageClassification.from_pretrained(args.model)
+    check_model_source(args.model)
+    check_output_path("--output-dir", args.output_dir, folder=True)
+    check_model_folder(args.output_dir, args.overwrite, argument="--output-dir")
+    model = _load_model(ProtoPoolForImageClassification, args.model)
     raw_train, _ = load_splits(args.dataset, args.data_root, args.limit)
     names = _labels(raw_train)
     expected = [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -248,8 +335,9 @@ def cmd_project(args: argparse.Namespace) -> int:
             f"class {first}: {ours!r} in the dataset, {theirs!r} in the model. Project on the dataset the model was "
             "trained on."
         )
-    data = raw_train.with_transform(make_transforms(model.config, train=False))
-    result = project_prototypes(model, data, batch_size=args.batch_size, dataset_name=dataset_name(raw_train))
+    data = raw_train.with_transform(make_transforms(model.config, train=False, skip_bad_images=args.skip_bad_images))
+    # The default name is the one the pictures are checked against (projection.default_dataset_name).
+    result = project_prototypes(model, data, batch_size=args.batch_size)
     print(result.summary())
     save_model_folder(model, args.output_dir, dataset=raw_train)
     print(f"Projected model and prototype pictures in {args.output_dir}")
@@ -262,24 +350,47 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     from .explain import explain
 
-    if not args.image.is_file():
-        raise FileNotFoundError(f"Image {str(args.image)!r} does not exist.")
-    model = AutoModelForImageClassification.from_pretrained(args.model).eval()
+    check_model_source(args.model)
+    check_image_file(args.image)
+    check_output_path("--out", args.out, folder=False)
+    model = _load_model(AutoModelForImageClassification, args.model).eval()
     explanation = explain(model, args.image, top_k=args.top_k, class_id=args.class_id)
     pictures = Path(args.model) / "prototypes"
     explanation.save(args.out, prototype_images=pictures if pictures.is_dir() else None)
     top = ", ".join(f"{label} {probability:.1%}" for _, label, probability in explanation.top_classes)
     print(f"{args.image}: {top}")
     if args.json:
-        print(json.dumps(explanation.to_dict(), indent=2))
+        print(json.dumps(_top_k_json(explanation), indent=2))
     print(f"Explanation written to {args.out}")
     return 0
+
+
+def _top_k_json(explanation: Any) -> dict[str, Any]:
+    """`explanation.to_dict()` with only the slots owned by the listed classes (and the explained one)."""
+    content = explanation.to_dict()
+    owners = {class_id for class_id, _, _ in explanation.top_classes} | {explanation.class_id}
+    slots = [slot for slot in content["slots"] if slot["class_id"] in owners]
+    content["slots_left_out"] = len(content["slots"]) - len(slots)
+    content["slots"] = slots
+    return content
+
+
+def _load_model(model_class: Any, model: str) -> Any:
+    """`model_class.from_pretrained(model)` after `check_model_source`, without transformers' load report."""
+    check_model_source(model)
+    try:
+        with quiet_transformers_loading():
+            return model_class.from_pretrained(model)
+    except OSError as error:
+        raise model_load_error(model, error) from error
 
 
 def cmd_push(args: argparse.Namespace) -> int:
     """`protopool-hf push`."""
     from .hub import push_to_hub
 
+    if not args.folder.is_dir():
+        raise FileNotFoundError(f"FOLDER {str(args.folder)!r} is no folder: pass a model folder.")
     if not (args.folder / "config.json").is_file():
         raise FileNotFoundError(f"{args.folder} holds no config.json: pass a folder written by save_pretrained.")
     info = push_to_hub(
@@ -296,7 +407,12 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     """`protopool-hf convert`."""
     from .convert import convert_main
+    from .hub import check_model_folder
 
+    if not args.checkpoint.is_file():
+        raise FileNotFoundError(f"CHECKPOINT {str(args.checkpoint)!r} does not exist: check the path.")
+    check_output_path("OUTPUT_DIR", args.output_dir, folder=True)
+    check_model_folder(args.output_dir, args.overwrite, argument="OUTPUT_DIR")
     return convert_main(args)
 
 
@@ -316,12 +432,19 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (errors are printed as one line, status 2)."""
+    """Run the command line; returns the exit status.
+
+    Every error is printed as one line on stderr, with status 2; `--debug` re-raises it with its traceback.
+    Usage errors (argparse) exit with status 2 as well, from `parse_args`.
+    """
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, OSError) as error:
-        print(f"protopool-hf {args.command}: error: {error}", file=sys.stderr)
+        with cli_log_wording():
+            return COMMANDS[args.command](args)
+    except Exception as error:
+        if args.debug:
+            raise
+        print(error_line(args.command, error), file=sys.stderr)
         return 2
 
 

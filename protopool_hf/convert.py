@@ -461,22 +461,19 @@ def save_inaturalist_backbone(
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-def convert_main(args: argparse.Namespace | list[str] | None = None) -> int:
+def convert_main(args: argparse.Namespace) -> int:
     """`protopool-hf convert`: official checkpoint -> a `save_pretrained` folder.
 
     The sizes (C, P, S, D) are read from the checkpoint; the preprocessing is the official one
     (224×224 resize without crop, ImageNet mean/std).
 
     Args:
-        args: the parsed `protopool-hf convert` arguments (`protopool_hf.cli`), or a list of command-line strings.
+        args: the parsed `protopool-hf convert` arguments (`protopool_hf.cli.main` parses them; this module does not
+            import the CLI).
 
     Returns:
         The exit status, 0.
     """
-    if not isinstance(args, argparse.Namespace):
-        from .cli import build_parser
-
-        args = build_parser().parse_args(["convert", *(args or [])])
     from .hub import check_model_folder, save_pretrained_replacing
 
     check_model_folder(args.output_dir, getattr(args, "overwrite", False))

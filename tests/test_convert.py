@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
+from protopool_hf.cli import main as cli_main
 from protopool_hf.convert import (
-    convert_main,
     convert_original_checkpoint,
     load_inaturalist_backbone,
     load_original_state_dict,
@@ -172,7 +172,10 @@ def test_convert_cli(tiny_model, tmp_path):
     torch.save({"model_state_dict": to_original_state_dict(tiny_model), "epoch": 1}, path)
     labels = tmp_path / "classes.txt"
     labels.write_text("heron\nfinch\nwren\n")
-    assert convert_main([str(path), str(tmp_path / "out"), "--backbone", "test_resnet", "--labels", str(labels)]) == 0
+    assert (
+        cli_main(["convert", str(path), str(tmp_path / "out"), "--backbone", "test_resnet", "--labels", str(labels)])
+        == 0
+    )
     model = ProtoPoolForImageClassification.from_pretrained(tmp_path / "out")
     assert model.config.id2label == {0: "heron", 1: "finch", 2: "wren"}
     assert model.config.data_config()["input_size"] == (3, 224, 224)

@@ -35,7 +35,7 @@ from transformers import AutoConfig, AutoModelForImageClassification
 import protopool_hf
 from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification, hub
 from protopool_hf.cli import main as cli_main
-from protopool_hf.convert import convert_main, to_original_state_dict
+from protopool_hf.convert import to_original_state_dict
 from protopool_hf.data import (
     UnreadableImageError,
     collate_fn,
@@ -307,11 +307,11 @@ def test_a_bad_official_checkpoint_leaves_no_output_folder(saved, tmp_path):
     path = tmp_path / "best_model.pth"
     torch.save({"model_state_dict": state}, path)
     with pytest.raises(ValueError, match=r"missing keys \['proto_presence'\]"):
-        convert_main([str(path), str(tmp_path / "out"), "--backbone", "test_resnet"])
+        cli_main(["--debug", "convert", str(path), str(tmp_path / "out"), "--backbone", "test_resnet"])
     torch.save({"model_state_dict": to_original_state_dict(model)}, path)
     _truncate(path)
     with pytest.raises(ValueError, match=rf"Could not read '{re.escape(str(path))}' as a PyTorch checkpoint"):
-        convert_main([str(path), str(tmp_path / "out"), "--backbone", "test_resnet"])
+        cli_main(["--debug", "convert", str(path), str(tmp_path / "out"), "--backbone", "test_resnet"])
     assert not (tmp_path / "out").exists()
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from .preprocessing import CROP_MODES, INTERPOLATIONS, OFFICIAL_PREPROCESSING
+
 
 __all__ = ["PRESETS", "ProtoPoolConfig"]
 
@@ -27,12 +29,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_prototypes": 202,
         "num_slots_per_class": 10,
         "prototype_dim": 256,
-        "input_size": [3, 224, 224],
-        "image_mean": [0.485, 0.456, 0.406],
-        "image_std": [0.229, 0.224, 0.225],
-        "interpolation": "bilinear",
-        "crop_pct": 1.0,
-        "crop_mode": "squash",
+        **OFFICIAL_PREPROCESSING,
     },
     "cars196": {
         "backbone": "resnet50.tv_in1k",
@@ -40,20 +37,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_prototypes": 195,
         "num_slots_per_class": 10,
         "prototype_dim": 128,
-        "input_size": [3, 224, 224],
-        "image_mean": [0.485, 0.456, 0.406],
-        "image_std": [0.229, 0.224, 0.225],
-        "interpolation": "bilinear",
-        "crop_pct": 1.0,
-        "crop_mode": "squash",
+        **OFFICIAL_PREPROCESSING,
     },
 }
 
 _POSITIVE_INTS = ("num_prototypes", "num_slots_per_class", "prototype_dim", "gumbel_scale_epochs")
 _POSITIVE_FLOATS = ("similarity_epsilon", "gumbel_tau", "gumbel_scale_max")
 _NON_NEGATIVE_FLOATS = ("cluster_weight", "separation_weight", "orthogonality_weight", "l1_weight")
-_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
-_CROP_MODES = ("center", "squash")
+_INTERPOLATIONS = tuple(INTERPOLATIONS)
+_CROP_MODES = CROP_MODES
 
 
 class ProtoPoolConfig(PretrainedConfig):

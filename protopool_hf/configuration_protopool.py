@@ -87,7 +87,8 @@ class ProtoPoolConfig(PretrainedConfig):
         input_size (`list[int]`, *optional*): `[3, H, W]` model input; `None` takes timm's value for the backbone.
         image_mean (`list[float]`, *optional*): normalisation mean; `None` takes timm's.
         image_std (`list[float]`, *optional*): normalisation std; `None` takes timm's.
-        interpolation (`str`, *optional*): resize interpolation; `None` takes timm's.
+        interpolation (`str`, *optional*): resize interpolation, one of `protopool_hf.preprocessing.INTERPOLATIONS`
+            (what transformers' default image processor applies); `None` takes timm's.
         crop_pct (`float`, *optional*): eval crop fraction (resize to H / crop_pct, then crop H); `None` takes timm's.
         crop_mode (`str`, *optional*): `"center"` resizes the shorter side and crops the centre (timm's default);
             `"squash"` resizes to H × W without keeping the aspect ratio, as the official code; `None` takes timm's.

@@ -688,7 +688,9 @@ def make_transforms(
     else:
         from timm.data import create_transform
 
-        pipeline = create_transform(**data_config, is_training=True)
+        # timm's own training options in a data-config mapping (scale, ratio, hflip, color_jitter, ...) pass through.
+        options = dict(config) if isinstance(config, Mapping) else {}
+        pipeline = create_transform(**{**options, **data_config}, is_training=True)
     num_labels = getattr(config, "num_labels", None)
     return ImageTransform(pipeline, train=train, seed=seed, num_labels=num_labels, skip_bad_images=skip_bad_images)
 

@@ -4,9 +4,10 @@ Shape alphabet: N batch, C classes, P prototypes, S slots per class, H, W featur
 
 Every picture is drawn on the *model view* of an image: the image the model saw, i.e. the eval transform's resize and
 centre crop (`preprocessing.EvalTransform`, the stock image processor saved with the model), without the
-normalisation, so colours are the photo's own (the official code min-max rescales normalised tensors instead, which shifts them). The activation of a prototype is
-φ(d) = log((d + 1) / (d + ε)) of its squared distance to every latent patch, upsampled bicubically to the model view;
-its high-activation box is the bounding box of the pixels at or above the map's 95th percentile (the official rule).
+normalisation, so colours are the photo's own (the official code min-max rescales normalised tensors instead, which
+shifts them). The activation of a prototype is φ(d) = log((d + 1) / (d + ε)) of its squared distance to every latent
+patch, upsampled bicubically to the model view; its high-activation box is the bounding box of the pixels at or above
+the map's 95th percentile (the official rule).
 
 A projected prototype is redrawn from the provenance the projection saved in the model
 (`model.head.projection_image_index / projection_row / projection_col`, `model.config.projection_dataset`,

@@ -16,6 +16,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from .preprocessing import CROP_MODES, INTERPOLATIONS, OFFICIAL_PREPROCESSING
+
 
 __all__ = ["PRESETS", "ProtoPoolConfig"]
 
@@ -29,12 +31,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_prototypes": 202,
         "num_slots_per_class": 10,
         "prototype_dim": 256,
-        "input_size": [3, 224, 224],
-        "image_mean": [0.485, 0.456, 0.406],
-        "image_std": [0.229, 0.224, 0.225],
-        "interpolation": "bilinear",
-        "crop_pct": 1.0,
-        "crop_mode": "squash",
+        **OFFICIAL_PREPROCESSING,
     },
     "cars196": {
         "backbone": "resnet50.tv_in1k",
@@ -42,20 +39,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_prototypes": 195,
         "num_slots_per_class": 10,
         "prototype_dim": 128,
-        "input_size": [3, 224, 224],
-        "image_mean": [0.485, 0.456, 0.406],
-        "image_std": [0.229, 0.224, 0.225],
-        "interpolation": "bilinear",
-        "crop_pct": 1.0,
-        "crop_mode": "squash",
+        **OFFICIAL_PREPROCESSING,
     },
 }
 
 _POSITIVE_INTS = ("num_prototypes", "num_slots_per_class", "prototype_dim", "gumbel_scale_epochs")
 _POSITIVE_FLOATS = ("similarity_epsilon", "gumbel_tau", "gumbel_scale_max")
 _NON_NEGATIVE_FLOATS = ("cluster_weight", "separation_weight", "orthogonality_weight", "l1_weight")
-_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
-_CROP_MODES = ("center", "squash")
+_INTERPOLATIONS = tuple(INTERPOLATIONS)
+_CROP_MODES = CROP_MODES
 
 
 class ProtoPoolConfig(PretrainedConfig):
@@ -102,7 +94,8 @@ class ProtoPoolConfig(PretrainedConfig):
         input_size (`list[int]`, *optional*): `[3, H, W]` model input; `None` takes timm's value for the backbone.
         image_mean (`list[float]`, *optional*): normalisation mean; `None` takes timm's.
         image_std (`list[float]`, *optional*): normalisation std; `None` takes timm's.
-        interpolation (`str`, *optional*): resize interpolation; `None` takes timm's.
+        interpolation (`str`, *optional*): resize interpolation, one of `protopool_hf.preprocessing.INTERPOLATIONS`
+            (what transformers' default image processor applies); `None` takes timm's.
         crop_pct (`float`, *optional*): eval crop fraction (resize to H / crop_pct, then crop H); `None` takes timm's.
         crop_mode (`str`, *optional*): `"center"` resizes the shorter side and crops the centre (timm's default);
             `"squash"` resizes to H × W without keeping the aspect ratio, as the official code; `None` takes timm's.

@@ -32,6 +32,7 @@ import torch
 
 from .configuration_protopool import ProtoPoolConfig
 from .modeling_protopool import ProtoPoolForImageClassification
+from .preprocessing import OFFICIAL_PREPROCESSING  # re-exported: the official `Resize((224, 224))`
 
 
 __all__ = [
@@ -45,14 +46,6 @@ __all__ = [
     "to_original_state_dict",
 ]
 
-#: Preprocessing of the official code: `Resize((224, 224))`, ImageNet mean/std, no crop.
-OFFICIAL_PREPROCESSING: dict[str, Any] = {
-    "input_size": [3, 224, 224],
-    "image_mean": [0.485, 0.456, 0.406],
-    "image_std": [0.229, 0.224, 0.225],
-    "interpolation": "bilinear",
-    "crop_pct": 1.0,
-}
 #: The assignment scale the official code uses after training (`gumbel_scale=10e3` in fine-tuning and push).
 OFFICIAL_FINAL_GUMBEL_SCALE = 1e4
 

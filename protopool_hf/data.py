@@ -37,6 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from .preprocessing import EvalTransform
+
 
 __all__ = [
     "FASHION_MNIST_LABELS",
@@ -684,8 +686,9 @@ def make_transforms(
         recipe: `"timm"`: timm's `create_transform` for the backbone (train: random resized crop, flip, colour
             jitter). `"official"`: for training, one of rotation ±15°, shear ±10° or perspective skew 0.2, then a
             horizontal flip (online equivalents of the official offline augmentation; corners fill black), then the
-            eval resize. Evaluation always uses the config's eval transform (`crop_pct`, `crop_mode`: the presets
-            squash to H × W without crop, as the official code).
+            eval transform. Evaluation always uses the config's eval transform, `preprocessing.EvalTransform`: the
+            stock image processor saved with the model, so pixel values are bit-exact with `AutoImageProcessor`'s
+            (`crop_pct`, `crop_mode`: the presets squash to H × W without crop, as the official code).
         seed: seeds the training augmentation; `None` uses the global RNGs (not reproducible).
         skip_bad_images: skip unreadable images with one warning each instead of raising `UnreadableImageError`.
 
@@ -694,18 +697,21 @@ def make_transforms(
     """
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}.")
-    data_config = dict(config.data_config() if hasattr(config, "data_config") else config)
-    if tuple(data_config.get("input_size", ()))[:1] != (3,):
-        raise ValueError(f"input_size must be (3, H, W): images are converted to RGB; got {data_config}.")
-    from timm.data import create_transform
-    from torchvision import transforms
+    eval_transform = EvalTransform(config)
+    data_config = eval_transform.data_config
+    if not train:
+        pipeline: Callable[[PIL.Image.Image], torch.Tensor] = eval_transform
+    elif recipe == "official":
+        from torchvision import transforms
 
-    if train and recipe == "official":
         # The official code's online equivalent: augment the full image, then its eval resize (the presets squash).
-        augmentation = _official_augmentation(data_config.get("interpolation", "bilinear"))
-        pipeline = transforms.Compose([augmentation, create_transform(**data_config, is_training=False)])
+        pipeline = transforms.Compose([_official_augmentation(data_config["interpolation"]), eval_transform])
     else:
-        pipeline = create_transform(**data_config, is_training=train)
+        from timm.data import create_transform
+
+        # timm's own training options in a data-config mapping (scale, ratio, hflip, color_jitter, ...) pass through.
+        options = dict(config) if isinstance(config, Mapping) else {}
+        pipeline = create_transform(**{**options, **data_config}, is_training=True)
     num_labels = getattr(config, "num_labels", None)
     return ImageTransform(pipeline, train=train, seed=seed, num_labels=num_labels, skip_bad_images=skip_bad_images)
 

@@ -353,7 +353,7 @@ def explain(
             it runs in eval mode for the call and is put back in its own mode afterwards.
         image: a PIL image, a path, or normalised pixel values `(3, H_in, W_in)` / `(1, 3, H_in, W_in)`.
         processor: an image processor replacing the preprocessing of `model.config` (e.g. the repo's
-            `AutoImageProcessor`); by default the config's timm eval transform is used, which is the same.
+            `AutoImageProcessor`); by default the config's eval transform is used, which gives the same pixels.
         top_k: how many classes to list with their probabilities.
         class_id: the class to explain (id or name); defaults to the predicted class.
         percentile: the high-activation box threshold.

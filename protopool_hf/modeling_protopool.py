@@ -6,7 +6,7 @@ ECCV 2022 (https://arxiv.org/abs/2112.02902).
 Shape alphabet: N batch, C classes, P prototypes, S slots per class, D prototype dim, H, W feature-map size.
 
 This file is what `save_pretrained` copies for `trust_remote_code`: its import chain holds only torch, timm,
-transformers and the package's configuration, layers, losses and backbone modules.
+transformers and the package's configuration, layers, losses, backbone and preprocessing modules.
 """
 
 import json
@@ -25,6 +25,7 @@ from .backbone import backbone_feature_map, create_backbone, feature_channels, s
 from .configuration_protopool import ProtoPoolConfig
 from .layers import HeadOutput, ProtoPoolHead
 from .losses import LossWeights, all_loss_terms, weighted_total
+from .preprocessing import image_processor_dict
 
 
 __all__ = [
@@ -34,8 +35,6 @@ __all__ = [
     "ProtoPoolPreTrainedModel",
     "image_processor_dict",
 ]
-
-_PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
 
 class GumbelScheduleWarning(UserWarning):
@@ -494,40 +493,3 @@ def _record_preprocessing(config: ProtoPoolConfig) -> None:
     config.interpolation = data["interpolation"]
     config.crop_pct = data["crop_pct"]
     config.crop_mode = data["crop_mode"]
-
-
-def image_processor_dict(config: ProtoPoolConfig) -> dict[str, Any]:
-    """A stock transformers image processor config equal to timm's eval transform for this model.
-
-    `crop_mode="center"`: `ConvNextImageProcessorPil`, which resizes the shortest edge to H / crop_pct and crops the
-    centre H × H. `crop_mode="squash"`: `ViTImageProcessorPil`, which resizes to H × W. Then rescale to [0, 1] and
-    normalise. With `AutoImageProcessor.from_pretrained(folder, backend="pil")` this is bit-exact with
-    `timm.data.create_transform(**config.data_config(), is_training=False)` for square inputs (squash: crop_pct 1);
-    transformers' default torchvision backend is within one grey level. Where the resized image exceeds the crop by
-    an odd number of pixels, transformers floors the crop offset and timm rounds it, so such images come out shifted
-    by one pixel: a stock processor cannot express timm's rounding.
-    """
-    data = config.data_config()
-    _, height, width = data["input_size"]
-    if data["crop_mode"] == "squash":
-        processor: dict[str, Any] = {
-            "image_processor_type": "ViTImageProcessorPil",
-            "size": {"height": height, "width": width},
-        }
-    else:
-        processor = {
-            "image_processor_type": "ConvNextImageProcessorPil",
-            "size": {"shortest_edge": height},
-            "crop_pct": data["crop_pct"],
-        }
-    return {
-        **processor,
-        "resample": _PIL_RESAMPLE[data["interpolation"]],
-        "do_resize": True,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": list(data["mean"]),
-        "image_std": list(data["std"]),
-        "do_convert_rgb": True,
-    }

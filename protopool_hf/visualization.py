@@ -3,10 +3,11 @@
 Shape alphabet: N batch, C classes, P prototypes, S slots per class, H, W feature-map size, H_in, W_in model input.
 
 Every picture is drawn on the *model view* of an image: the image the model saw, i.e. the eval transform's resize and
-centre crop (`model.config.data_config()`), without the normalisation, so colours are the photo's own (the official
-code min-max rescales normalised tensors instead, which shifts them). The activation of a prototype is
-φ(d) = log((d + 1) / (d + ε)) of its squared distance to every latent patch, upsampled bicubically to the model view;
-its high-activation box is the bounding box of the pixels at or above the map's 95th percentile (the official rule).
+centre crop (`preprocessing.EvalTransform`, the stock image processor saved with the model), without the
+normalisation, so colours are the photo's own (the official code min-max rescales normalised tensors instead, which
+shifts them). The activation of a prototype is φ(d) = log((d + 1) / (d + ε)) of its squared distance to every latent
+patch, upsampled bicubically to the model view; its high-activation box is the bounding box of the pixels at or above
+the map's 95th percentile (the official rule).
 
 A projected prototype is redrawn from the provenance the projection saved in the model
 (`model.head.projection_image_index / projection_row / projection_col`, `model.config.projection_dataset`,
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 from .data import decode_image, to_rgb
 from .layers import log_similarity
+from .preprocessing import EvalTransform, eval_data_config
 from .projection import default_dataset_name
 
 
@@ -63,7 +65,6 @@ __all__ = [
 PROTOTYPES_DIR = "prototypes"
 GALLERY_FILENAME = "gallery.png"
 BOX_COLOR = (255, 221, 0)
-_TENSOR_STEPS = ("ToTensor", "MaybeToTensor", "Normalize", "ToNumpy", "MaybeToNumpy")
 _IMAGE_COLUMNS = ("image", "img", "pixel_values")
 _BACKGROUND = (255, 255, 255)
 _TEXT = (30, 30, 30)
@@ -72,30 +73,6 @@ _REPLACEMENTS = str.maketrans({"×": "x", "−": "-", "–": "-", "—": "-", "�
 
 
 # --------------------------------------------------------------------------- geometry
-
-
-def _data_config(config: Any, input_size: Sequence[int] | None = None) -> dict[str, Any]:
-    """The timm data config of `config` (a `ProtoPoolConfig` or a data-config mapping), maybe at another size."""
-    data = dict(config.data_config() if hasattr(config, "data_config") else config)
-    missing = {"input_size", "mean", "std"} - set(data)
-    if missing:
-        raise ValueError(
-            f"The data config {data} lacks {sorted(missing)}: pass a ProtoPoolConfig or its data_config()."
-        )
-    if input_size is not None:
-        data["input_size"] = tuple(int(v) for v in input_size)
-    return data
-
-
-def _geometry(data_config: Mapping[str, Any]) -> Any:
-    """The eval transform of timm for `data_config` without its tensor steps: the PIL resize and centre crop."""
-    from timm.data import create_transform
-    from torchvision import transforms
-
-    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-    full = create_transform(**{k: data_config[k] for k in keys if k in data_config}, is_training=False)
-    steps = [step for step in full.transforms if type(step).__name__ not in _TENSOR_STEPS]
-    return transforms.Compose(steps)
 
 
 def _as_pil(image: Any) -> PIL.Image.Image:
@@ -121,13 +98,13 @@ def model_view(image: Any, config: Any, processor: Any | None = None) -> PIL.Ima
         An RGB image of the model's input size `W_in × H_in`.
     """
     if isinstance(image, torch.Tensor):
-        return _tensor_to_view(image, _data_config(config))
+        return _tensor_to_view(image, eval_data_config(config))
     pil = _as_pil(image)
     if processor is not None:
         pixels = processor(images=pil, return_tensors="pt", do_normalize=False)["pixel_values"]
         array = pixels[0].float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
         return PIL.Image.fromarray(array, mode="RGB")
-    return _geometry(_data_config(config))(pil)
+    return EvalTransform(config).view(pil)
 
 
 def _tensor_to_view(pixel_values: torch.Tensor, data_config: Mapping[str, Any]) -> PIL.Image.Image:
@@ -144,17 +121,8 @@ def _tensor_to_view(pixel_values: torch.Tensor, data_config: Mapping[str, Any]) 
     return PIL.Image.fromarray(unit.mul(255).round().byte().permute(1, 2, 0).numpy(), mode="RGB")
 
 
-def _normalise(view: PIL.Image.Image, data_config: Mapping[str, Any]) -> torch.Tensor:
-    """`(3, H_in, W_in)` float32: the same ops as timm's `MaybeToTensor` and `Normalize`, so bit-identical."""
-    pixels = torch.from_numpy(np.array(view, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-    pixels = pixels.to(torch.float32).div(255)
-    mean = torch.as_tensor(data_config["mean"], dtype=torch.float32)[:, None, None]
-    std = torch.as_tensor(data_config["std"], dtype=torch.float32)[:, None, None]
-    return pixels.sub_(mean).div_(std)
-
-
 def preprocess(image: Any, config: Any, processor: Any | None = None) -> torch.Tensor:
-    """Preprocess one image exactly like the model's eval transform (timm's, as in `preprocessor_config.json`).
+    """Preprocess one image exactly like the model's eval transform (the processor of `preprocessor_config.json`).
 
     Args:
         image: a PIL image, a path, or an already normalised `(3, H_in, W_in)` / `(1, 3, H_in, W_in)` tensor
@@ -172,8 +140,7 @@ def preprocess(image: Any, config: Any, processor: Any | None = None) -> torch.T
         return pixels.float()
     if processor is not None:
         return processor(images=_as_pil(image), return_tensors="pt")["pixel_values"].float()
-    data_config = _data_config(config)
-    return _normalise(model_view(image, data_config), data_config)[None]
+    return EvalTransform(config)(_as_pil(image))[None]
 
 
 # --------------------------------------------------------------------------- activation maps
@@ -653,16 +620,15 @@ def render_prototypes(
     provenance = {p: _provenance(model, p) for p in ids}
     _check_dataset_name(model, dataset)
     rows = _rows_for(dataset, sorted({prov.image_index for prov in provenance.values()}), model)
-    data_config = _data_config(model.config, getattr(model.config, "projection_input_size", None))
-    geometry = _geometry(data_config)
+    transform = EvalTransform(model.config, getattr(model.config, "projection_input_size", None))
     classes = prototype_classes(model)
     by_image: dict[int, list[int]] = {}
     for p in ids:
         by_image.setdefault(provenance[p].image_index, []).append(p)
     out: dict[int, PrototypeImages] = {}
     for chunk in _batches(sorted(by_image), batch_size):
-        views = [geometry(_dataset_image(dataset, rows[i], image_column)) for i in chunk]
-        distances = _distances(model, torch.stack([_normalise(v, data_config) for v in views]))
+        views = [transform.view(_dataset_image(dataset, rows[i], image_column)) for i in chunk]
+        distances = _distances(model, torch.stack([transform.normalise(v) for v in views]))
         maps = log_similarity(distances, model.config.similarity_epsilon)
         for n, image_index in enumerate(chunk):
             for p in by_image[image_index]:
@@ -1061,13 +1027,10 @@ def nearest_patches(
         raise ValueError(f"k must be >= 1, got {k}.")
     if len(dataset) == 0:
         raise ValueError("nearest_patches got an empty dataset.")
-    data_config = _data_config(model.config)
-    geometry = _geometry(data_config)
+    transform = EvalTransform(model.config)
     best: list[tuple[float, int, int, int]] = []  # (distance, dataset row, row, col)
     for chunk in _batches(range(len(dataset)), batch_size):
-        pixels = torch.stack(
-            [_normalise(geometry(_dataset_image(dataset, i, image_column)), data_config) for i in chunk]
-        )
+        pixels = torch.stack([transform(_dataset_image(dataset, i, image_column)) for i in chunk])
         distances = _distances(model, pixels)[:, prototype_id]  # (N, H, W)
         flat = distances.flatten(1)
         values, where = flat.min(dim=1)
@@ -1078,8 +1041,8 @@ def nearest_patches(
     classes = prototype_classes(model)[prototype_id]
     out = []
     for distance, i, r, c in best:
-        view = geometry(_dataset_image(dataset, i, image_column))
-        maps = similarity_maps(model, _normalise(view, data_config)[None])[0, prototype_id]
+        view = transform.view(_dataset_image(dataset, i, image_column))
+        maps = similarity_maps(model, transform.normalise(view)[None])[0, prototype_id]
         out.append(
             _build_images(
                 prototype_id,

@@ -181,6 +181,28 @@ def test_convert_cli(tiny_model, tmp_path):
     assert model.config.data_config()["input_size"] == (3, 224, 224)
     assert model.gumbel_scale == 1e4
     torch.testing.assert_close(model.head.prototypes, tiny_model.head.prototypes, rtol=0, atol=0)
+    # The presets and the converter share one preprocessing: the official code's.
+    assert model.config.data_config() == ProtoPoolConfig.from_preset("cub200").data_config()
+
+
+def test_converted_checkpoint_squashes_non_square_images_as_the_official_resize(tiny_model, tmp_path):
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    path = tmp_path / "best_model.pth"
+    torch.save({"model_state_dict": to_original_state_dict(tiny_model), "epoch": 1}, path)
+    assert convert_main([str(path), str(tmp_path / "out"), "--backbone", "test_resnet"]) == 0
+    # Three vertical bands, red | green | blue, on a 3:1 landscape photo: a centre crop would keep only green.
+    bands = torch.zeros(3, 100, 300, dtype=torch.uint8)
+    for channel in range(3):
+        bands[channel, :, 100 * channel : 100 * (channel + 1)] = 255
+    photo = Image.fromarray(bands.permute(1, 2, 0).numpy())
+    pixels = AutoImageProcessor.from_pretrained(tmp_path / "out")(photo, return_tensors="pt")["pixel_values"][0]
+    assert pixels.shape == (3, 224, 224)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    rgb = (pixels * std[:, None, None] + mean[:, None, None]).mean(dim=1)  # (3, W): column colours
+    for channel, columns in enumerate((slice(0, 70), slice(80, 144), slice(154, 224))):
+        assert (rgb[channel, columns] > 0.99).all() and (rgb[:, columns].sum(dim=0) < 1.01).all()
 
 
 # ---------------------------------------------------------------------------------------------------- bad inputs

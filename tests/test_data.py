@@ -369,6 +369,14 @@ def test_squash_eval_resizes_without_crop():
     torch.testing.assert_close(out["pixel_values"], reference(decode_image(raw.with_format(None)[0]["image"])))
 
 
+def test_timm_training_options_of_a_data_config_reach_the_augmentation(photos):
+    fixed = {**SMALL, "scale": (1.0, 1.0), "ratio": (1.0, 1.0), "hflip": 0.0, "color_jitter": None}
+    crop = make_transforms(fixed, train=True).pipeline.transforms[0]
+    assert (crop.scale, crop.ratio) == ((1.0, 1.0), (1.0, 1.0))
+    out = photos.with_transform(make_transforms(fixed, train=True))[:2]["pixel_values"]
+    assert out.shape == (2, 3, 32, 32)
+
+
 @pytest.mark.parametrize("recipe", ["timm", "official"])
 def test_training_augmentation_is_seeded_by_seed_epoch_and_index(photos, recipe):
     transform = make_transforms(SMALL, train=True, recipe=recipe, seed=3)

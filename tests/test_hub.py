@@ -44,7 +44,14 @@ CLASSES = {0: "cardinal", 1: "blue jay", 2: "house | sparrow"}  # the "|" must b
 SLOTS = [[0, 1], [2, 1], [3, 5]]  # the prototype of each class slot: 1 is shared, 4 is unused
 METRICS = {"eval_accuracy": 0.75, "eval_loss": 0.61, "eval_runtime": 1.5, "test_accuracy": 0.5, "epoch": 3.0}
 TRAINING = {"learning_rate": 0.001, "num_train_epochs": 3, "per_device_train_batch_size": 8}
-CODE = {"configuration_protopool.py", "modeling_protopool.py", "layers.py", "losses.py", "backbone.py"}
+CODE = {
+    "configuration_protopool.py",
+    "modeling_protopool.py",
+    "layers.py",
+    "losses.py",
+    "backbone.py",
+    "preprocessing.py",
+}
 MODEL_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", *CODE}
 PICTURES = {0, 1, 2, 3, 5}
 

@@ -75,16 +75,20 @@ def pictures(projected, dataset) -> dict[int, viz.PrototypeImages]:
 
 
 def reference_view(path: Path, size: int = 160, crop_pct: float = 0.95) -> np.ndarray:
-    """timm's eval geometry written out by hand: shortest edge to floor(size / crop_pct), then a centre crop."""
+    """The eval geometry written out by hand: shortest edge to floor(size / crop_pct) (torchvision's antialiased
+    resize of uint8 pixels, as transformers' default image processor), then a centre crop at floored offsets."""
+    from torchvision.transforms.v2 import functional as tvF
+
     image = PIL.Image.open(path).convert("RGB")
     short = math.floor(size / crop_pct)
     if image.width <= image.height:
-        new = (short, int(short * image.height / image.width))
+        new = (int(short * image.height / image.width), short)
     else:
-        new = (int(short * image.width / image.height), short)
-    image = image.resize(new, PIL.Image.Resampling.BILINEAR)
-    left, top = round((new[0] - size) / 2), round((new[1] - size) / 2)
-    return np.asarray(image.crop((left, top, left + size, top + size)))
+        new = (short, int(short * image.width / image.height))
+    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+    pixels = tvF.resize(pixels, list(new), interpolation=tvF.InterpolationMode.BILINEAR, antialias=True)
+    top, left = (new[0] - size) // 2, (new[1] - size) // 2
+    return pixels[:, top : top + size, left : left + size].permute(1, 2, 0).numpy()
 
 
 # --------------------------------------------------------------------------- geometry

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .callbacks import GumbelScheduleCallback, ProjectionCallback, WarmupCallback
     from .convert import convert_original_checkpoint
     from .explain import Explanation, explain
+    from .export import export_onnx
     from .hub import push_to_hub, render_model_card, save_model_folder
     from .projection import ProjectionResult, project_prototypes
     from .training import ProtoPoolRecipe, ProtoPoolTrainer, protopool_param_groups, train_protopool
@@ -38,6 +39,7 @@ __all__ = [
     "__version__",
     "convert_original_checkpoint",
     "explain",
+    "export_onnx",
     "project_prototypes",
     "protopool_param_groups",
     "push_to_hub",
@@ -54,6 +56,7 @@ _LAZY = {
     "convert_original_checkpoint": "convert",
     "Explanation": "explain",
     "explain": "explain",
+    "export_onnx": "export",
     "push_to_hub": "hub",
     "render_model_card": "hub",
     "save_model_folder": "hub",

@@ -23,10 +23,8 @@ import base64
 import json
 import os
 import tempfile
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +34,7 @@ from .layers import log_similarity
 from .modeling_protopool import image_processor_dict
 
 
-__all__ = ["OUTPUT_NAMES", "OnnxCheck", "check_onnx", "export_onnx", "onnx_metadata", "read_onnx_metadata"]
+__all__ = ["OUTPUT_NAMES", "OnnxCheck", "check_onnx", "export_onnx", "onnx_metadata"]
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAMES = ("logits", "similarities", "min_distances", "activations")
@@ -83,28 +81,9 @@ def onnx_metadata(model: nn.Module) -> dict[str, str]:
         "prototype_labels": head.projection_label.cpu().tolist(),
         "config": config.to_dict(),
     }
-    return {METADATA_PREFIX + key: value if key == "format_version" else json.dumps(value) for key, value in props.items()}
-
-
-def read_onnx_metadata(props: Mapping[str, str]) -> dict[str, Any]:
-    """Decode `protopool.*` metadata props (e.g. onnxruntime's `get_modelmeta().custom_metadata_map`) with numpy.
-
-    Returns:
-        `{key without prefix: value}`; `last_layer_weight` as a `(C, C·S)` float32 array.
-    """
-    if props.get(METADATA_PREFIX + "format_version") != FORMAT_VERSION:
-        found = props.get(METADATA_PREFIX + "format_version")
-        raise ValueError(
-            f"This ONNX file has no protopool metadata of format {FORMAT_VERSION} (found {found!r}): export it with "
-            "`protopool-hf export MODEL out.onnx` or `protopool_hf.export_onnx`."
-        )
-    out: dict[str, Any] = {}
-    for key, value in props.items():
-        if key.startswith(METADATA_PREFIX) and key != METADATA_PREFIX + "format_version":
-            out[key[len(METADATA_PREFIX) :]] = json.loads(value)
-    raw = base64.b64decode(out["last_layer_weight"])
-    out["last_layer_weight"] = np.frombuffer(raw, dtype="<f4").reshape(out["last_layer_shape"]).astype(np.float32)
-    return out
+    return {
+        METADATA_PREFIX + key: value if key == "format_version" else json.dumps(value) for key, value in props.items()
+    }
 
 
 def export_onnx(

@@ -66,7 +66,9 @@ class ProtoPoolPreTrainedModel(PreTrainedModel):
     # `from_pretrained(..., dtype=torch.bfloat16 / float16)` casts the backbone only: the head's weights and buffers
     # (prototypes, Gumbel scale) stay float32, as its distances and φ are computed in float32. A regex on the names
     # of the floating-point tensors only: transformers would turn the bool and integer buffers into float32 too.
-    _keep_in_fp32_modules_strict = [r"^head\.(add_on|prototypes|slot_logits|last_layer|gumbel_scale|projection_distance)"]
+    _keep_in_fp32_modules_strict = [
+        r"^head\.(add_on|prototypes|slot_logits|last_layer|gumbel_scale|projection_distance)"
+    ]
     supports_gradient_checkpointing = True
     # Trainer must not pass `num_items_in_batch` to forward.
     accepts_loss_kwargs = False

@@ -103,6 +103,20 @@ def test_compile_fullgraph_with_labels():
         compiled(x, labels=torch.tensor([0, 3]))
 
 
+@pytest.mark.slow
+def test_compile_with_inductor_matches_eager():
+    """The real compiler (inductor's C++ build: 20-60 s on 2 cores) on the eval forward, with fullgraph=True."""
+    model = tiny()
+    x = torch.randn(3, 3, 64, 64)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        got, want = compiled(x), model(x)
+    # Inductor fuses and reorders float32 sums: compare at float32 rounding of the logits' scale.
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.similarities, want.similarities, rtol=1e-4, atol=1e-4)
+
+
 def test_torch_export_follows_the_hard_assignment_buffer():
     model = tiny()
     x = torch.randn(2, 3, 64, 64)

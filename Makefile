@@ -17,7 +17,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet $(TORCH_PINS)
-	$(BIN)/python -m pip install --quiet -e ".[dev,docs,viz]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,docs,viz,onnx]"
 	touch $@
 
 install: $(VENV)/.installed

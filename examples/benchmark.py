@@ -9,6 +9,7 @@ a shared, noisy machine slows both alike; ratios are the numbers to quote.
     python examples/benchmark.py speed                                     # step time, throughput, memory
     python examples/benchmark.py accuracy                                  # ProtoPool vs a linear head, Fashion-MNIST
     python examples/benchmark.py cli                                       # `protopool-hf [COMMAND] --help` start-up
+    python examples/benchmark.py deploy                                    # eager vs torch.compile vs onnxruntime
 
 `--quick` shrinks every subcommand to a check of a few seconds to a few minutes. The CUB setting is C=200
 classes, P=202 prototypes, S=10 slots, D=256 (`ProtoPoolConfig.from_preset("cub200")`); backbones are built with
@@ -706,7 +707,7 @@ def bench_accuracy(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- cli
-CLI_COMMANDS = ("", "train", "project", "explain", "push", "convert")
+CLI_COMMANDS = ("", "train", "project", "explain", "push", "convert", "export")
 
 
 def bench_cli(args: argparse.Namespace) -> dict[str, Any]:
@@ -738,6 +739,102 @@ def bench_cli(args: argparse.Namespace) -> dict[str, Any]:
     imports_heavy = heavy.stdout.strip() == "1"
     print(f"`import protopool_hf.cli` imports torch or transformers: {imports_heavy}")
     return {"machine": machine(), "repeats": repeats, "commands": results, "cli_imports_torch": imports_heavy}
+
+
+# --------------------------------------------------------------------------- deploy
+def bench_deploy(args: argparse.Namespace) -> dict[str, Any]:
+    """Eval throughput of eager PyTorch, `torch.compile` and onnxruntime side by side, with their one-time costs."""
+    import tempfile
+
+    import onnxruntime
+
+    from protopool_hf.export import export_onnx
+
+    torch.set_num_threads(args.threads)
+    gpu = torch.cuda.is_available() and not args.cpu
+    device = torch.device("cuda" if gpu else "cpu")
+    backbone = "test_resnet" if args.quick else args.backbone
+    size = 64 if args.quick else args.image_size
+    batch, repeats = (4, 3) if args.quick else (args.batch, args.repeats)
+    model = protopool_model(backbone, input_size=[3, size, size], backbone_pretrained=False).eval()
+    model.set_gumbel_scale(EPOCH1_SCALE)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    costs: dict[str, float] = {}
+
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        path = export_onnx(model, Path(folder) / "model.onnx")
+        costs["onnxruntime"] = time.perf_counter() - start
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
+        start = time.perf_counter()
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        costs["onnxruntime"] += time.perf_counter() - start
+    model.to(device)
+    x_device, x_numpy = x.to(device), x.numpy()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        start = time.perf_counter()
+        compiled(x_device)  # the first call compiles
+        sync(device)
+        costs["compiled"] = time.perf_counter() - start
+        reference = model(x_device).logits.float().cpu()
+        differences = {
+            "compiled": float((compiled(x_device).logits.float().cpu() - reference).abs().max()),
+            "onnxruntime": float((torch.from_numpy(session.run(["logits"], {"pixel_values": x_numpy})[0]) - reference)
+                                 .abs().max()),
+        }  # fmt: skip
+
+    def eager() -> None:
+        with torch.no_grad():
+            model(x_device)
+
+    def compiled_run() -> None:
+        with torch.no_grad():
+            compiled(x_device)
+
+    def onnx_run() -> None:
+        session.run(["logits", "similarities", "activations"], {"pixel_values": x_numpy})
+
+    contenders = {"eager": eager, "compiled": compiled_run}
+    if gpu:
+        bf16_model = protopool_model(backbone, input_size=[3, size, size]).eval()
+        bf16_model.load_state_dict(model.state_dict())
+        bf16_model.to(device, dtype=torch.bfloat16)  # the head computes in float32 regardless
+
+        def eager_bf16() -> None:
+            with torch.no_grad():
+                bf16_model(x_device.bfloat16())
+
+        contenders["eager_bf16"] = eager_bf16
+    else:
+        contenders["onnxruntime"] = onnx_run  # the CPU execution provider: compared with CPU torch only
+    timings = time_side_by_side(contenders, repeats=repeats, warmup=1, device=device)
+    eager_s = timings["eager"]["median_s"]
+    rows, results = [], {}
+    for name, timing in timings.items():
+        result = {
+            **timing,
+            "images_per_s": batch / timing["median_s"],
+            "speedup_vs_eager": eager_s / timing["median_s"],
+            "one_time_cost_s": costs.get(name, 0.0),
+            "max_abs_logit_difference": differences.get(name, 0.0),
+        }
+        results[name] = result
+        rows.append([name, result["one_time_cost_s"], timing["median_s"], result["images_per_s"],
+                     result["speedup_vs_eager"], result["max_abs_logit_difference"]])  # fmt: skip
+    title = f"{backbone} at {size} px, CUB head, eval batch {batch}, {args.threads} threads, {device.type}"
+    header = ["runtime", "one-time s", "batch s (median)", "images/s", "vs eager", "max |logit diff|"]
+    print_table(title, header, rows)
+    return {
+        "backbone": backbone,
+        "image_size": size,
+        "batch": batch,
+        "device": device.type,
+        "load_average_1min": os.getloadavg()[0],
+        "results": results,
+    }
 
 
 # --------------------------------------------------------------------------- main
@@ -803,6 +900,13 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("cli", help="`protopool-hf --help` and every `COMMAND --help`, in fresh processes")
     common(p, "cli")
     p.add_argument("--repeats", type=int, default=5)
+    p = sub.add_parser("deploy", help="eval images/s of eager, torch.compile and onnxruntime, with one-time costs")
+    common(p, "deploy", threads=2)
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=16, help="eval batch")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--cpu", action="store_true", help="stay on the CPU even if a GPU is present")
 
     p = sub.add_parser("_memory", help=argparse.SUPPRESS)
     p.add_argument("--backbone", required=True)
@@ -821,6 +925,7 @@ def main(argv: list[str] | None = None) -> None:
         "speed": bench_speed,
         "accuracy": bench_accuracy,
         "cli": bench_cli,
+        "deploy": bench_deploy,
     }
     payload = run[args.command](args)
     write_json(args.output, {"benchmark": args.command, "quick": args.quick, **payload})

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .configuration_protopool import PRESETS, ProtoPoolConfig, __version__
     from .convert import convert_original_checkpoint
     from .explain import Explanation, explain
+    from .export import export_onnx
     from .hub import push_to_hub, render_model_card, save_model_folder
     from .modeling_protopool import ProtoPoolForImageClassification, ProtoPoolOutput, ProtoPoolPreTrainedModel
     from .projection import ProjectionResult, project_prototypes
@@ -38,6 +39,7 @@ _EXPORTS = {
     "convert_original_checkpoint": "convert",
     "Explanation": "explain",
     "explain": "explain",
+    "export_onnx": "export",
     "push_to_hub": "hub",
     "render_model_card": "hub",
     "save_model_folder": "hub",

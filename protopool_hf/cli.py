@@ -1,4 +1,4 @@
-"""The `protopool-hf` command line: train | project | explain | push | convert.
+"""The `protopool-hf` command line: train | project | explain | push | convert | export.
 
 Heavy libraries (torch, timm, transformers) are imported inside the subcommands, so `protopool-hf --help` answers at
 once (`import protopool_hf` is light too; it registers the Auto classes when transformers' are first imported). Every
@@ -176,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--labels", type=Path, help="text file with one class name per line, in training order")
     convert.add_argument("--gumbel-scale", type=float, default=1e4, help="assignment scale (official final: 1e4)")
+
+    export = commands.add_parser(
+        "export", help="export a model to ONNX with its explanations (logits, similarities, maps)"
+    )
+    export.add_argument("model", help="model folder or Hub repo id")
+    export.add_argument("output", type=Path, help="the .onnx file to write")
+    export.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    export.add_argument("--static-batch", action="store_true", help="fix the batch size at 1 (default: dynamic)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    export.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch comparison")
     return parser
 
 
@@ -416,6 +426,30 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return convert_main(args)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """`protopool-hf export`."""
+    if args.output.suffix != ".onnx":
+        raise ValueError(f"The output file name must end in .onnx, got {str(args.output)!r}.")
+    if args.output.exists() and not args.overwrite:
+        raise FileExistsError(f"{str(args.output)!r} already exists: pass --overwrite to replace it.")
+    from transformers import AutoModelForImageClassification
+
+    from .export import OUTPUT_NAMES, check_onnx, export_onnx
+
+    model = AutoModelForImageClassification.from_pretrained(args.model).eval()
+    path = export_onnx(
+        model, args.output, opset=args.opset, dynamic_batch=not args.static_batch, overwrite=args.overwrite
+    )
+    print(f"ONNX model written to {path}: input pixel_values, outputs {', '.join(OUTPUT_NAMES)}")
+    if not args.no_check:
+        check = check_onnx(model, path)
+        diffs = ", ".join(f"{name} {value:.1e}" for name, value in check.max_abs_diff.items())
+        print(f"onnxruntime vs PyTorch, max |difference|: {diffs}")
+        if not check.within(1e-4):
+            print("warning: logits or similarities differ by more than 1e-4", file=sys.stderr)
+    return 0
+
+
 def _is_main_process() -> bool:
     import torch.distributed as dist
 
@@ -428,6 +462,7 @@ COMMANDS = {
     "explain": cmd_explain,
     "push": cmd_push,
     "convert": cmd_convert,
+    "export": cmd_export,
 }
 
 

@@ -112,12 +112,15 @@ class HeadOutput:
         min_distances: `(N, P)` minimum squared distance of each prototype over the map.
         similarities: `(N, C, S)` focal similarity of every slot.
         slot_assignment: `(C, P, S)` the assignment used in this pass.
+        distances: `(N, P, H, W)` squared distance of every latent patch to every prototype (float32); φ of it is
+            each prototype's activation map.
     """
 
     logits: torch.Tensor
     min_distances: torch.Tensor
     similarities: torch.Tensor
     slot_assignment: torch.Tensor
+    distances: torch.Tensor | None = None
 
 
 class ProtoPoolHead(nn.Module):
@@ -197,8 +200,10 @@ class ProtoPoolHead(nn.Module):
     # ------------------------------------------------------------------ pieces
     def latent(self, features: torch.Tensor) -> torch.Tensor:
         """`(N, C_feat, H, W)` backbone features -> `(N, D, H, W)` latent map in (0, 1), float32."""
+        conv = self.add_on[0]
         with torch.autocast(device_type=features.device.type, enabled=False):
-            return self.add_on(features.float())
+            # Explicit float32 weights: a model cast to bf16 / fp16 (`.to(dtype)`) still computes the head in float32.
+            return self.add_on[1](F.conv2d(features.float(), conv.weight.float(), conv.bias.float()))
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
         """`(N, C_feat, H, W)` backbone features -> `(N, P, H, W)` squared distances, float32."""
@@ -206,22 +211,35 @@ class ProtoPoolHead(nn.Module):
             return squared_l2_distances(self.latent(features), self.prototypes.float())
 
     def assignment(self, mode: str | None = None) -> torch.Tensor:
-        """The `(C, P, S)` assignment: Gumbel in training, softmax in eval, one-hot once hardened."""
-        if bool(self.hard_assignment):
-            mode = "hard"
-        elif mode is None:
+        """The `(C, P, S)` assignment: Gumbel in training, softmax in eval, one-hot once hardened.
+
+        The `hard_assignment` buffer picks between the one-hot and the soft assignment with `torch.where`, never with
+        a Python branch on its value, so `torch.compile(fullgraph=True)`, `torch.export` and the ONNX exporter see one
+        graph for both states. `torch.where` copies the selected elements: the soft assignment is bit-for-bit
+        `softmax(Θ·s)` and the hard one `one_hot(argmax_P Θ)`; slot logits get a zero gradient once hardened.
+        """
+        if mode is None:
             mode = "gumbel" if self.training else "softmax"
-        return slot_assignment(self.slot_logits, self.gumbel_scale, tau=self.tau, mode=mode)
+        soft = slot_assignment(self.slot_logits, self.gumbel_scale, tau=self.tau, mode=mode)
+        if mode == "hard":
+            return soft
+        hard = slot_assignment(self.slot_logits, self.gumbel_scale, tau=self.tau, mode="hard")
+        return torch.where(self.hard_assignment, hard, soft)
 
     def forward(self, features: torch.Tensor) -> HeadOutput:
         """Classify a batch of backbone feature maps `(N, C_feat, H, W)`."""
         with torch.autocast(device_type=features.device.type, enabled=False):
-            distances = self.distances(features).flatten(2)  # (N, P, H·W)
+            distance_map = self.distances(features)  # (N, P, H, W)
+            distances = distance_map.flatten(2)  # (N, P, H·W)
             min_distances = distances.amin(dim=2)
             mean_distances = distances.mean(dim=2)
             assignment = self.assignment()
             similarities = focal_similarity(min_distances, mean_distances, assignment.float(), self.epsilon)
-            logits = self.last_layer(similarities.flatten(1))
+            logits = F.linear(similarities.flatten(1), self.last_layer.weight.float())
         return HeadOutput(
-            logits=logits, min_distances=min_distances, similarities=similarities, slot_assignment=assignment
+            logits=logits,
+            min_distances=min_distances,
+            similarities=similarities,
+            slot_assignment=assignment,
+            distances=distance_map,
         )

@@ -73,6 +73,12 @@ class ProtoPoolPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     # timm does not support model parallelism: keep the head whole.
     _no_split_modules = ["ProtoPoolHead"]
+    # `from_pretrained(..., dtype=torch.bfloat16 / float16)` casts the backbone only: the head's weights and buffers
+    # (prototypes, Gumbel scale) stay float32, as its distances and φ are computed in float32. A regex on the names
+    # of the floating-point tensors only: transformers would turn the bool and integer buffers into float32 too.
+    _keep_in_fp32_modules_strict = [
+        r"^head\.(add_on|prototypes|slot_logits|last_layer|gumbel_scale|projection_distance)"
+    ]
     supports_gradient_checkpointing = True
     # Trainer must not pass `num_items_in_batch` to forward.
     accepts_loss_kwargs = False
@@ -333,6 +339,11 @@ class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
         labels = torch.as_tensor(labels, device=self.head.prototypes.device).long()
         if labels.ndim != 1:
             raise ValueError(f"`labels` must be a 1-D tensor of class indices, got shape {tuple(labels.shape)}.")
+        if torch.compiler.is_compiling():
+            # No Python branch on a value under torch.compile / torch.export: an assertion op in the graph.
+            in_range = ((labels >= 0) & (labels < self.config.num_labels)).all()
+            torch._assert_async(in_range, f"`labels` outside [0, {self.config.num_labels}) for this model's classes")
+            return labels
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.config.num_labels):
             bad = labels[(labels < 0) | (labels >= self.config.num_labels)].unique().tolist()
             raise ValueError(

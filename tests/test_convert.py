@@ -191,7 +191,7 @@ def test_converted_checkpoint_squashes_non_square_images_as_the_official_resize(
 
     path = tmp_path / "best_model.pth"
     torch.save({"model_state_dict": to_original_state_dict(tiny_model), "epoch": 1}, path)
-    assert convert_main([str(path), str(tmp_path / "out"), "--backbone", "test_resnet"]) == 0
+    assert cli_main(["convert", str(path), str(tmp_path / "out"), "--backbone", "test_resnet"]) == 0
     # Three vertical bands, red | green | blue, on a 3:1 landscape photo: a centre crop would keep only green.
     bands = torch.zeros(3, 100, 300, dtype=torch.uint8)
     for channel in range(3):

@@ -432,6 +432,7 @@ def recipe_on_fashion_mnist(tmp_path: Path, n_train: int, joint_epochs: int, fin
         return float((loaded(batch["pixel_values"]).logits.argmax(-1) == batch["labels"]).float().mean())
 
 
+@pytest.mark.slow  # a three-phase recipe on 300 Fashion-MNIST images: 36 s on a 2-core machine
 def test_short_recipe_on_fashion_mnist_beats_chance(tmp_path: Path):
     torch.manual_seed(0)
     accuracy = recipe_on_fashion_mnist(tmp_path, 300, 3, 2, num_prototypes=30, num_slots_per_class=2)

@@ -41,6 +41,7 @@ def synthetic_features(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return maps.half(), labels
 
 
+@pytest.mark.slow  # about 27 CPU-seconds: 15-30 s on 2 cores
 def test_head_only_protocol_learns_projects_and_fine_tunes():
     features = {"train": synthetic_features(512, 0), "test": synthetic_features(128, 1)}
     settings = head_experiments.HeadSettings(

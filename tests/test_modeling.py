@@ -114,6 +114,10 @@ def test_model_builds_under_no_grad():
     with torch.no_grad():
         model = tiny_model("test_convnext")
     assert isinstance(model.backbone.head, torch.nn.Identity)
+    # Built under no_grad, the weights are still trainable leaves: a training step reaches every one of them.
+    assert all(p.requires_grad and p.is_leaf for p in model.parameters())
+    model.train()(torch.randn(2, 3, 160, 160), labels=torch.tensor([0, 1])).loss.backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
 
 
 def test_batch_size_one():

@@ -24,7 +24,9 @@ def tiny_model(backbone="test_resnet", **overrides):
 
 
 def parametrized_backbones(test) -> list[str]:
-    return [name for mark in test.pytestmark if mark.args[0] == "backbone" for name in mark.args[1]]
+    """The `backbone` values a test is parametrized with (plain values or `pytest.param`s)."""
+    marks = [m for m in test.pytestmark if m.name == "parametrize" and m.args[0] == "backbone"]
+    return [value.values[0] if hasattr(value, "values") else value for mark in marks for value in mark.args[1]]
 
 
 def test_every_timm_test_model_is_covered():

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from .convert import convert_original_checkpoint
     from .explain import Explanation, explain
     from .export import export_onnx
-    from .hub import push_to_hub, render_model_card, save_model_folder
+    from .card import render_model_card
+    from .hub import push_to_hub, save_model_folder
     from .modeling_protopool import ProtoPoolForImageClassification, ProtoPoolOutput, ProtoPoolPreTrainedModel
     from .projection import ProjectionResult, project_prototypes
     from .training import ProtoPoolRecipe, ProtoPoolTrainer, protopool_param_groups, train_protopool
@@ -40,8 +41,8 @@ _EXPORTS = {
     "Explanation": "explain",
     "explain": "explain",
     "export_onnx": "export",
+    "render_model_card": "card",
     "push_to_hub": "hub",
-    "render_model_card": "hub",
     "save_model_folder": "hub",
     "ProtoPoolForImageClassification": "modeling_protopool",
     "ProtoPoolOutput": "modeling_protopool",

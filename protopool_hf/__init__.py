@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .callbacks import GumbelScheduleCallback, ProjectionCallback, WarmupCallback
+    from .card import render_model_card
     from .configuration_protopool import PRESETS, ProtoPoolConfig, __version__
     from .convert import convert_original_checkpoint
     from .explain import Explanation, explain
     from .export import export_onnx
-    from .card import render_model_card
     from .hub import push_to_hub, save_model_folder
     from .modeling_protopool import ProtoPoolForImageClassification, ProtoPoolOutput, ProtoPoolPreTrainedModel
     from .projection import ProjectionResult, project_prototypes
@@ -34,6 +34,7 @@ _EXPORTS = {
     "GumbelScheduleCallback": "callbacks",
     "ProjectionCallback": "callbacks",
     "WarmupCallback": "callbacks",
+    "render_model_card": "card",
     "PRESETS": "configuration_protopool",
     "ProtoPoolConfig": "configuration_protopool",
     "__version__": "configuration_protopool",
@@ -41,7 +42,6 @@ _EXPORTS = {
     "Explanation": "explain",
     "explain": "explain",
     "export_onnx": "export",
-    "render_model_card": "card",
     "push_to_hub": "hub",
     "save_model_folder": "hub",
     "ProtoPoolForImageClassification": "modeling_protopool",

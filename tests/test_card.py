@@ -187,3 +187,44 @@ def test_load_metrics_reads_the_trainers_results(tmp_path):
     (tmp_path / "eval_results.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"eval_results\.json must hold a JSON object"):
         load_metrics(tmp_path)
+
+
+# --------------------------------------------------------------------------- extra sections
+
+
+REPORT = "## Interpretability\n\n| Metric | Value |\n|---|---|\n| consistency | 0.8 |"
+
+
+def test_extra_sections_go_after_the_evaluation_and_stay_until_replaced():
+    text = render_model_card(tiny_model(), extra_sections={"interpretability": REPORT}).text
+    block = f"<!-- protopool-hf:begin interpretability -->\n{REPORT}\n<!-- protopool-hf:end interpretability -->"
+    assert f"<!-- protopool-hf:end evaluation -->\n\n{block}\n\n<!-- protopool-hf:begin limitations -->" in text
+    assert "<!-- protopool-hf:begin interpretability -->" not in render_model_card(tiny_model()).text
+
+    kept = render_model_card(tiny_model(), existing_card=ModelCard(text))  # None: the card's own extra sections stay
+    assert block in kept.text and kept.text == text
+    newer = REPORT.replace("0.8", "0.9")
+    replaced = render_model_card(tiny_model(), existing_card=kept, extra_sections={"interpretability": newer})
+    assert newer in replaced.text and REPORT not in replaced.text
+    dropped = render_model_card(tiny_model(), existing_card=kept, extra_sections={})
+    assert "interpretability" not in dropped.text.split("## Limitations")[0]
+
+
+@pytest.mark.parametrize(
+    ("sections", "match"),
+    [
+        ({"training": "x"}, "not one of the card's own sections"),
+        ({"my notes": "x"}, "must be letters, digits"),
+        ({"report": "<!-- protopool-hf:end report -->"}, "without protopool-hf block markers"),
+        ("## text", "must be a mapping"),
+    ],
+)
+def test_bad_extra_sections_are_refused(sections, match):
+    with pytest.raises(ValueError, match=match):
+        render_model_card(tiny_model(), extra_sections=sections)
+
+
+def test_only_the_crops_named_as_visualization_writes_them_are_linked():
+    names = ["prototypes/prototype_003.png", "prototypes/prototype_003_overlay.png", "prototypes/prototype_5.png"]
+    text = render_model_card(tiny_model(), prototype_files=[*names, "prototypes/gallery.png"]).text
+    assert "[3](prototypes/prototype_003.png)" in text and "[5](" not in text and "overlay.png)" not in text

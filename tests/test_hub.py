@@ -31,7 +31,7 @@ from PIL import Image
 from transformers import AutoModelForImageClassification, pipeline
 
 from protopool_hf import hub
-from protopool_hf.card import DEFAULT_TAGS
+from protopool_hf.card import DEFAULT_TAGS, render_model_card
 from protopool_hf.hub import push_to_hub, save_model_folder
 
 
@@ -264,3 +264,12 @@ def test_push_to_another_branch(hub_server, monkeypatch):
     repo = hub_server.repos[REPO]
     assert repo.private and repo.branches["main"] == repo.commits[0].oid
     assert "README.md" in repo.resolve("dev").files
+
+
+def test_a_resave_keeps_the_extra_sections_of_the_folders_card(tmp_path):
+    folder = save_model_folder(tiny_model(), tmp_path / "out")
+    report = "## Interpretability\n\nconsistency 0.8"
+    card = render_model_card(tiny_model(), existing_card=folder / "README.md", extra_sections={"report": report})
+    card.save(folder / "README.md")
+    save_model_folder(tiny_model(), folder, metrics={"eval_accuracy": 0.5})
+    assert report in (folder / "README.md").read_text()

@@ -52,6 +52,9 @@ _MODEL_FILES = re.compile(
 _WEIGHT_FILES = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
 
 
+# --------------------------------------------------------------------------- model folders
+
+
 def save_model_folder(
     model: torch.nn.Module,
     folder: str | os.PathLike,
@@ -291,6 +294,9 @@ def push_to_hub(
             create_pr=create_pr,
             parent_commit=head.sha,
         )
+
+
+# --------------------------------------------------------------------------- helpers
 
 
 def _draw_pictures(model: torch.nn.Module, dataset: Any, folder: Path) -> None:

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .callbacks import GumbelScheduleCallback, ProjectionCallback, WarmupCallback
+    from .card import render_model_card
     from .configuration_protopool import PRESETS, ProtoPoolConfig, __version__
     from .convert import convert_original_checkpoint
     from .explain import Explanation, explain
     from .export import export_onnx
-    from .hub import push_to_hub, render_model_card, save_model_folder
+    from .hub import push_to_hub, save_model_folder
     from .modeling_protopool import ProtoPoolForImageClassification, ProtoPoolOutput, ProtoPoolPreTrainedModel
     from .projection import ProjectionResult, project_prototypes
     from .training import ProtoPoolRecipe, ProtoPoolTrainer, protopool_param_groups, train_protopool
@@ -33,6 +34,7 @@ _EXPORTS = {
     "GumbelScheduleCallback": "callbacks",
     "ProjectionCallback": "callbacks",
     "WarmupCallback": "callbacks",
+    "render_model_card": "card",
     "PRESETS": "configuration_protopool",
     "ProtoPoolConfig": "configuration_protopool",
     "__version__": "configuration_protopool",
@@ -41,7 +43,6 @@ _EXPORTS = {
     "explain": "explain",
     "export_onnx": "export",
     "push_to_hub": "hub",
-    "render_model_card": "hub",
     "save_model_folder": "hub",
     "ProtoPoolForImageClassification": "modeling_protopool",
     "ProtoPoolOutput": "modeling_protopool",

@@ -22,7 +22,6 @@ torch's default (dynamo) exporter needs `onnxscript` (the `onnx` extra: `pip ins
 import base64
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import write_file
 from .layers import log_similarity
 from .modeling_protopool import image_processor_dict
 
@@ -149,15 +149,7 @@ def export_onnx(
         f"ProtoPool ({config.backbone}, {config.num_prototypes} prototypes, {config.num_labels} classes, "
         f"{config.num_slots_per_class} slots per class): outputs {', '.join(OUTPUT_NAMES)}."
     )
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        program.save(temporary, external_data=False)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return path
+    return write_file(path, lambda temporary: program.save(str(temporary), external_data=False))
 
 
 def _check_exportable(model: nn.Module, path: Path, overwrite: bool) -> None:

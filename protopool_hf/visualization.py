@@ -49,6 +49,7 @@ __all__ = [
     "high_activation_box",
     "model_view",
     "nearest_patches",
+    "parse_prototype_filename",
     "preprocess",
     "prototype_activation",
     "prototype_classes",
@@ -539,6 +540,24 @@ def prototype_filenames(prototype_id: int) -> dict[str, str]:
     """
     stem = f"prototype_{int(prototype_id):03d}"
     return {"crop": f"{stem}.png", "overlay": f"{stem}_overlay.png", "source": f"{stem}_source.png"}
+
+
+def parse_prototype_filename(name: str) -> tuple[int, str] | None:
+    """The inverse of `prototype_filenames`: `(prototype id, kind)` of a picture's file name, None for other names.
+
+    Example:
+        ```python
+        >>> from protopool_hf.visualization import parse_prototype_filename
+        >>> parse_prototype_filename("prototype_007_overlay.png"), parse_prototype_filename("gallery.png")
+        ((7, 'overlay'), None)
+
+        ```
+    """
+    digits = name.removeprefix("prototype_").split("_", 1)[0].split(".", 1)[0]
+    if not digits.isdigit() or not digits.isascii():
+        return None
+    kinds = {filename: kind for kind, filename in prototype_filenames(int(digits)).items()}
+    return (int(digits), kinds[name]) if name in kinds else None
 
 
 def _build_images(

@@ -264,7 +264,7 @@ def test_library_advice_is_reworded_into_cli_flags():
 
 
 def test_log_records_of_the_package_are_reworded_while_a_command_runs(caplog):
-    logger = logging.getLogger("protopool_hf.hub")
+    logger = logging.getLogger("protopool_hf.card")
     with caplog.at_level(logging.WARNING, logger="protopool_hf"), cli_log_wording():
         logger.warning("The card lists the metrics in its body only: pass dataset_name= (a Hub dataset id)")
         logging.getLogger("other").warning("pass dataset_name= stays")

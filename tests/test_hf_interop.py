@@ -25,7 +25,7 @@ from transformers import (
 
 from protopool_hf import GumbelScheduleCallback, ProjectionCallback, ProtoPoolConfig, ProtoPoolForImageClassification
 from protopool_hf.callbacks import GumbelScheduleWarning
-from protopool_hf.hub import backbone_hub_id, render_model_card
+from protopool_hf.card import backbone_hub_id, render_model_card
 
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))

@@ -57,6 +57,7 @@ def gumbel_scale_at(epoch: float, scale_max: float, num_epochs: int) -> float:
         >>> from protopool_hf.callbacks import gumbel_scale_at
         >>> round(gumbel_scale_at(0, 1000.0, 30), 1), gumbel_scale_at(29, 1000.0, 30)
         (182.6, 1000.0)
+
         ```
     """
     if epoch < 0:
@@ -129,6 +130,7 @@ class GumbelScheduleCallback(TrainerCallback):
         >>> _ = callback.on_epoch_begin(TrainingArguments("out", use_cpu=True), state, TrainerControl(), model=model)
         >>> round(model.gumbel_scale, 1)  # e = 9: 1000 * sqrt(10 / 30)
         577.4
+
         ```
     """
 
@@ -206,6 +208,7 @@ class FrozenBackboneCallback(TrainerCallback):
         >>> from protopool_hf.phases import set_trainable
         >>> config = ProtoPoolConfig(backbone="test_resnet", num_labels=2, num_prototypes=4, num_slots_per_class=2)
         >>> model = ProtoPoolForImageClassification(config)
+        >>> model.harden_assignment()  # fine-tuning follows the projection, which hardens the assignment
         >>> set_trainable(model, "finetune")
         >>> callback = FrozenBackboneCallback("finetune", freeze_batchnorm=True)
         >>> args, state, control = TrainingArguments("out", use_cpu=True), TrainerState(), TrainerControl()
@@ -214,6 +217,7 @@ class FrozenBackboneCallback(TrainerCallback):
         >>> [m.training for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)][:3]
         [False, False, False]
         >>> _ = callback.on_train_end(args, state, control, model=model)
+
         ```
     """
 
@@ -288,6 +292,7 @@ class WarmupCallback(FrozenBackboneCallback):
         >>> WarmupCallback().on_train_begin(args, state, control, model=model)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ValueError: WarmupCallback: ... backbone parameters require gradients ...
+
         ```
     """
 
@@ -326,6 +331,7 @@ class SetEpochCallback(TrainerCallback):
         >>> _ = callback.on_epoch_begin(args, TrainerState(epoch=2.0), control)
         >>> transform.epoch
         11
+
         ```
     """
 
@@ -397,6 +403,7 @@ class ProjectionCallback(TrainerCallback):
         >>> _ = callback.on_train_end(args, state, control, model=model)
         >>> model.is_assignment_hard, callback.result.image_index.tolist() == model.head.projection_image_index.tolist()
         (True, True)
+
         ```
     """
 

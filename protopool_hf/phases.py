@@ -84,6 +84,7 @@ def set_trainable(model: nn.Module, phase: str, frozen_backbone_stages: int = 0)
         >>> set_trainable(model, "finetune")
         >>> [name for name, p in model.named_parameters() if p.requires_grad]
         ['head.last_layer.weight']
+
         ```
     """
     check_phase(phase)
@@ -134,6 +135,7 @@ def protopool_param_groups(
         [('backbone', 0.0001, 0.001), ('add_on', 0.003, 0.001), ('prototypes', 0.003, 0.0),
          ('slot_logits', 0.003, 0.0)]
         >>> optimizer = torch.optim.Adam(groups)
+
         ```
     """
     check_phase(phase)
@@ -184,6 +186,7 @@ class EpochStepDecay:
         >>> decay = EpochStepDecay(steps_per_epoch=10, step_epochs=5, gamma=0.1)
         >>> decay(49), decay(50), round(decay(100), 6)
         (1.0, 0.1, 0.01)
+
         ```
     """
 

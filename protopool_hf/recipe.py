@@ -73,6 +73,7 @@ class ProtoPoolRecipe:
         >>> recipe = ProtoPoolRecipe(output_dir="runs/cub", warmup_epochs=9, joint_epochs=21, mixup_alpha=0.5)
         >>> recipe.finetune_epochs, recipe.learning_rate
         (25, 0.001)
+
         ```
     """
 
@@ -179,6 +180,7 @@ class ProtoPoolRecipe:
             {'cluster_weight': 0.0, 'separation_weight': 0.0, 'orthogonality_weight': 0.0}
             >>> ProtoPoolRecipe().phase_loss_weights("joint")
             {}
+
             ```
         """
         check_phase(phase)
@@ -248,9 +250,11 @@ class RecipeResult:
 
     Example:
         ```python
-        >>> result = train_protopool(model, train_ds, val_ds, push_ds, recipe)  # doctest: +SKIP
-        >>> result.metrics["finetune"]["eval_accuracy"], result.projection.unused  # doctest: +SKIP
-        (0.84, [3, 17])
+        >>> from protopool_hf.recipe import RecipeResult
+        >>> result = RecipeResult(model=None, output_dir="runs/fmnist", metrics={"finetune": {"eval_accuracy": 0.84}})
+        >>> result.metrics["finetune"]["eval_accuracy"], result.projection  # what train_protopool fills in
+        (0.84, None)
+
         ```
     """
 

@@ -43,6 +43,7 @@ def mixup_draw(alpha: float, batch_size: int, seed: int, *keys: int) -> tuple[fl
         >>> lam, perm = mixup_draw(0.5, 4, 0, 7)
         >>> 0 <= lam <= 1, sorted(perm.tolist())
         (True, [0, 1, 2, 3])
+
         ```
     """
     if not alpha > 0:
@@ -107,9 +108,11 @@ class ProtoPoolTrainer(Trainer):
         >>> [group["name"] for group in trainer.create_optimizer().param_groups]
         ['backbone', 'add_on', 'prototypes', 'slot_logits']
         >>> batch = {"pixel_values": torch.randn(4, 3, 160, 160), "labels": torch.tensor([0, 1, 1, 0])}
-        >>> trainer.compute_loss(model.train(), batch).shape  # a mixed batch
+        >>> model.set_gumbel_scale(100.0)  # in training, the GumbelScheduleCallback sets it
+        >>> trainer.compute_loss(model.train(), batch).shape  # a mixed batch: model(..., mixup_labels=...).loss
         torch.Size([])
         >>> trainer.train()  # with train_dataset=..., data_collator=protopool_hf.data.collate_fn  # doctest: +SKIP
+
         ```
     """
 

@@ -176,6 +176,7 @@ def train_protopool(
         >>> result = train_protopool(model, train_ds, val_ds, push_ds, recipe)  # doctest: +SKIP
         >>> result.model.is_assignment_hard  # doctest: +SKIP
         True
+
         ```
     """
     from .data import collate_fn
@@ -422,6 +423,7 @@ def split_train_validation(
         >>> train, val = split_train_validation(ds, fraction=0.2, seed=0)
         >>> len(train), len(val), sorted(val["label"])
         (16, 4, [0, 0, 1, 1])
+
         ```
     """
     if not 0 < fraction < 1:

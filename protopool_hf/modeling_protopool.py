@@ -298,8 +298,10 @@ class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
         if mixup_labels is not None and labels is None:
             raise ValueError("`mixup_labels` came without `labels`: pass the labels of the unmixed images too.")
         if labels is not None:
-            loss_terms = self.loss_terms(head_out, labels, mixup_labels, mixup_lambda)
-            loss = weighted_total(loss_terms, self.loss_weights)
+            # In float32 under autocast too, as the head (and as the loss a Trainer computes outside the forward).
+            with torch.autocast(device_type=head_out.logits.device.type, enabled=False):
+                loss_terms = self.loss_terms(head_out, labels, mixup_labels, mixup_lambda)
+                loss = weighted_total(loss_terms, self.loss_weights)
         return ProtoPoolOutput(
             loss=loss,
             logits=head_out.logits,

@@ -13,7 +13,7 @@ import torch
 from protopool_hf import ProtoPoolForImageClassification
 from protopool_hf.callbacks import GumbelScheduleCallback
 from protopool_hf.data import collate_fn
-from protopool_hf.losses import LOSS_TERM_NAMES, weighted_total
+from protopool_hf.losses import LOSS_TERM_NAMES, orthogonality_loss, weighted_total
 from protopool_hf.recipe import ProtoPoolRecipe
 from protopool_hf.trainer import ProtoPoolTrainer, compute_accuracy, mixup_draw
 
@@ -183,3 +183,14 @@ def test_fine_tuning_loss_is_the_model_loss_under_the_recipe_weights(tmp_path: P
         } & entry.keys()
         total = entry["cross_entropy"] + config.l1_weight * entry["l1"]
         assert total == pytest.approx(entry["loss"], rel=1e-5, abs=1e-6)
+
+
+def test_the_model_loss_stays_float32_under_bf16_autocast():
+    """Mixed or not, the loss is computed in float32 inside the forward, as it was outside it before."""
+    model = tiny_model()
+    pixels, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    for mixup in ({}, {"mixup_labels": labels.flip(0), "mixup_lambda": 0.3}):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(pixel_values=pixels, labels=labels, **mixup)
+        assert out.loss.dtype == torch.float32 and {v.dtype for v in out.loss_terms.values()} == {torch.float32}
+        assert torch.equal(out.loss_terms["orthogonality"], orthogonality_loss(model.head.slot_logits))

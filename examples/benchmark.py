@@ -152,7 +152,7 @@ def linear_step(model: Any, optimizer: torch.optim.Optimizer, x: torch.Tensor, y
 
 def joint_optimizer(model: Any, lr: float = 1e-3) -> torch.optim.Optimizer:
     """The official joint-phase Adam (backbone lr/10, head 3·lr; the last layer frozen)."""
-    from protopool_hf.training import protopool_param_groups
+    from protopool_hf.phases import protopool_param_groups
 
     return torch.optim.Adam(protopool_param_groups(model, lr, "joint"))
 

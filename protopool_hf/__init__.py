@@ -26,8 +26,11 @@ if TYPE_CHECKING:
     from .export import export_onnx
     from .hub import push_to_hub, save_model_folder
     from .modeling_protopool import ProtoPoolForImageClassification, ProtoPoolOutput, ProtoPoolPreTrainedModel
+    from .phases import protopool_param_groups
     from .projection import ProjectionResult, project_prototypes
-    from .training import ProtoPoolRecipe, ProtoPoolTrainer, protopool_param_groups, train_protopool
+    from .recipe import ProtoPoolRecipe
+    from .trainer import ProtoPoolTrainer
+    from .training import train_protopool
 
 # Public name -> the module that defines it, imported on first access.
 _EXPORTS = {
@@ -47,11 +50,11 @@ _EXPORTS = {
     "ProtoPoolForImageClassification": "modeling_protopool",
     "ProtoPoolOutput": "modeling_protopool",
     "ProtoPoolPreTrainedModel": "modeling_protopool",
+    "protopool_param_groups": "phases",
     "ProjectionResult": "projection",
     "project_prototypes": "projection",
-    "ProtoPoolRecipe": "training",
-    "ProtoPoolTrainer": "training",
-    "protopool_param_groups": "training",
+    "ProtoPoolRecipe": "recipe",
+    "ProtoPoolTrainer": "trainer",
     "train_protopool": "training",
 }
 

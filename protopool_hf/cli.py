@@ -112,7 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--batch-size", type=positive_int, default=80, help="per-device batch size")
     recipe.add_argument("--mixup-alpha", type=float, default=0.5, help="0 turns mixup off")
     recipe.add_argument("--gumbel-per-step", action="store_true", help="update the Gumbel scale every step")
-    recipe.add_argument("--augment", choices=("timm", "official"), default="timm", help="training augmentation")
+    recipe.add_argument(
+        "--augment",
+        dest="augmentation",
+        choices=("timm", "official"),
+        default="timm",
+        help="training augmentation (make_transforms' augmentation=)",
+    )
     recipe.add_argument("--val-fraction", type=float, default=0.1, help="validation split carved from training data")
     recipe.add_argument("--seed", type=int, default=0, help="seed of the data order, augmentation and initial weights")
     recipe.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader worker processes")
@@ -236,7 +242,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .data import collate_fn, make_transforms
     from .hub import save_model_folder
     from .modeling_protopool import ProtoPoolForImageClassification
-    from .training import ProtoPoolRecipe, finish_distributed, split_train_validation, train_protopool
+    from .recipe import ProtoPoolRecipe
+    from .training import finish_distributed, split_train_validation, train_protopool
 
     check_output_path("--output-dir", args.output_dir, folder=True)
     raw_train, raw_test = load_splits(args.dataset, args.data_root, args.limit)
@@ -292,7 +299,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train_protopool(
         model,
         train.with_transform(
-            make_transforms(config, train=True, recipe=args.augment, seed=args.seed, skip_bad_images=skip)
+            make_transforms(config, train=True, augmentation=args.augmentation, seed=args.seed, skip_bad_images=skip)
         ),
         val.with_transform(eval_transform) if len(val) else None,
         train.with_transform(eval_transform),

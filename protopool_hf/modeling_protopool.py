@@ -276,13 +276,21 @@ class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
+        mixup_labels: torch.Tensor | None = None,
+        mixup_lambda: float = 1.0,
         **kwargs: Any,
     ) -> ProtoPoolOutput:
         """Classify `(N, 3, H_in, W_in)` images; with `labels` `(N,)`, also return the loss and its terms.
 
+        The loss is the one every training phase optimises: CE + w_clst·cluster − w_sep·separation + w_orth·orth +
+        w_l1·L1, with the weights of the config (`cluster_weight`, ...; a weight of 0 leaves its term out).
+
         Args:
-            pixel_values: normalised images.
-            labels: class indices in `[0, C)`.
+            pixel_values: normalised images; for mixup, the mixed batch λ·x + (1 − λ)·x[perm].
+            labels: class indices in `[0, C)` (of the unmixed images: cluster and separation use them).
+            mixup_labels: `(N,)` the labels of the images mixed in, y[perm]; CE is then
+                λ·CE(labels) + (1 − λ)·CE(mixup_labels). `ProtoPoolTrainer` passes them when it mixes.
+            mixup_lambda: λ, the weight of `labels` in a mixed batch.
             **kwargs: ignored (Trainer and pipelines may pass extra keys).
 
         Returns:
@@ -290,9 +298,13 @@ class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
         """
         head_out = self.head(self.feature_map(pixel_values))
         loss = loss_terms = None
+        if mixup_labels is not None and labels is None:
+            raise ValueError("`mixup_labels` came without `labels`: pass the labels of the unmixed images too.")
         if labels is not None:
-            loss_terms = self.loss_terms(head_out, labels)
-            loss = weighted_total(loss_terms, self.loss_weights)
+            # In float32 under autocast too, as the head (and as the loss a Trainer computes outside the forward).
+            with torch.autocast(device_type=head_out.logits.device.type, enabled=False):
+                loss_terms = self.loss_terms(head_out, labels, mixup_labels, mixup_lambda)
+                loss = weighted_total(loss_terms, self.loss_weights)
         return ProtoPoolOutput(
             loss=loss,
             logits=head_out.logits,

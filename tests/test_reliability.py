@@ -42,7 +42,8 @@ from protopool_hf.data import (
     load_stanford_cars,
     make_transforms,
 )
-from protopool_hf.training import ProtoPoolRecipe, _check_class_names, train_protopool
+from protopool_hf.recipe import ProtoPoolRecipe
+from protopool_hf.training import _check_class_names, train_protopool
 
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
@@ -103,15 +104,15 @@ def test_every_image_mode_goes_through_the_loader_the_transform_and_the_model(tm
         assert torch.isfinite(model(plain["pixel_values"]).logits).all()
 
 
-@pytest.mark.parametrize("recipe", ["timm", "official"])
-def test_images_smaller_than_the_crop_are_scaled_up(recipe):
+@pytest.mark.parametrize("augmentation", ["timm", "official"])
+def test_images_smaller_than_the_crop_are_scaled_up(augmentation):
     sizes = [(1, 1), (3, 2), (31, 7)]
     raw = datasets.Dataset.from_dict(
         {"image": [PIL.Image.new("RGB", size, (255, 0, 0)) for size in sizes], "label": [0, 1, 2]}
     )
     ds = from_hf_dataset(raw.cast_column("image", datasets.Image()))
     for train in (True, False):
-        batch = ds.with_transform(make_transforms(SMALL, train=train, recipe=recipe))[:3]
+        batch = ds.with_transform(make_transforms(SMALL, train=train, augmentation=augmentation))[:3]
         assert batch["pixel_values"].shape == (3, 3, 32, 32) and torch.isfinite(batch["pixel_values"]).all()
         if not train:
             torch.testing.assert_close(_eval_colour(batch["pixel_values"]), torch.tensor([[255.0, 0, 0]] * 3))

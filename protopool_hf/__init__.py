@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .callbacks import GumbelScheduleCallback, ProjectionCallback, WarmupCallback
     from .configuration_protopool import PRESETS, ProtoPoolConfig, __version__
     from .convert import convert_original_checkpoint
-    from .explain import Explanation, explain
+    from .explanation import Explanation, explain
     from .export import export_onnx
     from .hub import push_to_hub, render_model_card, save_model_folder
     from .modeling_protopool import ProtoPoolForImageClassification, ProtoPoolOutput, ProtoPoolPreTrainedModel
@@ -37,8 +37,8 @@ _EXPORTS = {
     "ProtoPoolConfig": "configuration_protopool",
     "__version__": "configuration_protopool",
     "convert_original_checkpoint": "convert",
-    "Explanation": "explain",
-    "explain": "explain",
+    "Explanation": "explanation",
+    "explain": "explanation",
     "export_onnx": "export",
     "push_to_hub": "hub",
     "render_model_card": "hub",

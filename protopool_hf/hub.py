@@ -5,7 +5,7 @@ ECCV 2022 (https://arxiv.org/abs/2112.02902).
 
 A ProtoPool repository holds what `save_pretrained` writes (config.json, model.safetensors, preprocessor_config.json
 and the modeling code, so `trust_remote_code=True` works without this package), the prototype pictures under
-`prototypes/` (drawn by `protopool_hf.visualization` from the projection provenance) and a README.md rendered from
+`prototypes/` (drawn by `protopool_hf.gallery.save_prototype_images` from the projection provenance) and a README.md rendered from
 `templates/model_card.md`.
 
 * `render_model_card` fills the template from the model. The sections it writes sit between
@@ -47,6 +47,7 @@ from huggingface_hub import (
 from huggingface_hub.utils import yaml_dump
 
 from .configuration_protopool import ProtoPoolConfig
+from .pictures import GALLERY_FILE, PROTOTYPES_DIR, parse_prototype_filename
 
 
 __all__ = [
@@ -70,10 +71,6 @@ LIBRARY_NAME = "protopool-hf"
 PIPELINE_TAG = "image-classification"
 DEFAULT_TAGS = ("protopool", "prototype-network", "interpretability", "timm")
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
-# The names `protopool_hf.visualization` writes (PROTOTYPES_DIR, GALLERY_FILENAME, prototype_filenames).
-PROTOTYPES_DIR = "prototypes"
-GALLERY_FILE = f"{PROTOTYPES_DIR}/gallery.png"
-_CROP_NAME = re.compile(r"prototype_(\d+)\.png")
 # Our sections, in template order.
 SECTIONS = (
     "header",
@@ -430,7 +427,7 @@ def save_model_folder(
         model: a `ProtoPoolForImageClassification`.
         folder: the target folder; created if missing.
         dataset: the dataset the prototypes were projected on, to draw their pictures
-            (`protopool_hf.visualization.save_prototype_images`).
+            (`protopool_hf.gallery.save_prototype_images`).
         metrics: the last evaluation (see `render_model_card`).
         dataset_name: the Hub dataset id (see `render_model_card`).
         training_args: `TrainingArguments` or a mapping, for the card's training section.
@@ -840,9 +837,9 @@ def _prototype_file_map(prototype_files: Mapping[int, str] | Sequence[str] | Non
         raise ValueError("prototype_files must be a mapping or a list of paths, not one string.")
     found = {}
     for path in prototype_files:
-        match = _CROP_NAME.fullmatch(Path(path).name)
-        if match:
-            found[int(match[1])] = Path(path).as_posix()
+        parsed = parse_prototype_filename(path)
+        if parsed is not None and parsed[1] == "crop":
+            found[parsed[0]] = Path(path).as_posix()
     return dict(sorted(found.items()))
 
 
@@ -876,8 +873,8 @@ def _as_card(card: ModelCard | str | os.PathLike | None) -> ModelCard | None:
 
 
 def _draw_pictures(model: torch.nn.Module, dataset: Any, folder: Path) -> None:
-    """Write `folder/prototypes/prototype_NNN*.png` and `folder/prototypes/gallery.png` (visualization module)."""
-    from .visualization import save_prototype_images
+    """Write `folder/prototypes/prototype_NNN*.png` and `folder/prototypes/gallery.png` (gallery module)."""
+    from .gallery import save_prototype_images
 
     save_prototype_images(model, dataset, folder, gallery=True)
 

@@ -101,7 +101,7 @@ def png(color: tuple[int, int, int], size: tuple[int, int] = (8, 6)) -> bytes:
 
 
 def write_pictures(folder: Path, ids=PICTURES) -> set[str]:
-    """Stand-ins for visualization.save_prototype_images: a crop per prototype and the gallery."""
+    """Stand-ins for gallery.save_prototype_images: a crop per prototype and the gallery."""
     names = {f"prototypes/prototype_{p:03d}.png" for p in ids} | {GALLERY_FILE}
     for index, name in enumerate(sorted(names)):
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
@@ -318,7 +318,7 @@ def test_save_model_folder_draws_the_pictures_from_the_dataset(tmp_path, monkeyp
         calls.append((dataset, gallery))
         write_pictures(Path(out_dir))
 
-    monkeypatch.setattr("protopool_hf.visualization.save_prototype_images", fake_save_prototype_images)
+    monkeypatch.setattr("protopool_hf.gallery.save_prototype_images", fake_save_prototype_images)
     folder = save_model_folder(tiny_model(), tmp_path / "out", dataset="the dataset")
     assert calls == [("the dataset", True)] and (folder / GALLERY_FILE).is_file()
     assert "](prototypes/gallery.png)" in (folder / "README.md").read_text()

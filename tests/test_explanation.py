@@ -264,16 +264,21 @@ def test_model_loaded_with_remote_code(projected, tmp_path):
 def test_render_with_dataset_folder_mapping_or_nothing(projected, dataset, tmp_path):
     explanation = explain(projected, PHOTOS[0], top_k=3)
     plain = explanation.render(max_slots=2, thumb_size=96)
-    with_data = explanation.render(dataset=dataset, max_slots=2, thumb_size=96)
-    save_prototype_images(projected, dataset, tmp_path)
+    with_data = explanation.render(dataset=dataset, max_slots=2, thumb_size=96)  # draws the 2 shown prototypes
+    save_prototype_images(projected, dataset, tmp_path)  # draws every prototype, the 4 photos in one batch
     from_folder = explanation.render(prototype_images=tmp_path / "prototypes", max_slots=2, thumb_size=96)
-    pictures = render_prototypes(projected, dataset)
-    from_mapping = explanation.render(prototype_images=pictures, max_slots=2, thumb_size=96)
-    for image in (plain, with_data, from_folder, from_mapping):
+    shown = sorted({s.prototype_id for s in explanation.slots[:2]})
+    from_shown = explanation.render(
+        prototype_images=render_prototypes(projected, dataset, shown), max_slots=2, thumb_size=96
+    )
+    every = render_prototypes(projected, dataset)
+    from_every = explanation.render(prototype_images=every, max_slots=2, thumb_size=96)
+    for image in (plain, with_data, from_folder, from_shown, from_every):
         assert image.mode == "RGB"
         assert image.size == plain.size
-    assert np.array_equal(np.asarray(with_data), np.asarray(from_mapping))
-    assert np.abs(np.asarray(with_data, int) - np.asarray(from_folder, int)).max() == 0  # PNG is lossless
+    # Like with like: another batch of photos runs other kernels, and phi(d) amplifies their float32 rounding.
+    assert np.array_equal(np.asarray(with_data), np.asarray(from_shown))
+    assert np.array_equal(np.asarray(from_every), np.asarray(from_folder))  # PNG is lossless
     assert not np.array_equal(np.asarray(plain), np.asarray(with_data))
     shorter = explanation.render(max_slots=1, thumb_size=96)
     assert shorter.height < plain.height

@@ -290,7 +290,7 @@ def write_outputs(
     """The model folder (weights, card, prototype pictures), explanations of test images, a reload check."""
     from transformers import AutoModelForImageClassification
 
-    from protopool_hf.explain import explain
+    from protopool_hf import explain
 
     start = time.perf_counter()
     folder = output_dir / "model"

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .card import render_model_card
     from .configuration_protopool import PRESETS, ProtoPoolConfig, __version__
     from .convert import convert_original_checkpoint
-    from .explain import Explanation, explain
+    from .explanation import Explanation, explain
     from .export import export_onnx
     from .hub import push_to_hub, save_model_folder
     from .modeling_protopool import ProtoPoolForImageClassification, ProtoPoolOutput, ProtoPoolPreTrainedModel
@@ -42,8 +42,8 @@ _EXPORTS = {
     "ProtoPoolConfig": "configuration_protopool",
     "__version__": "configuration_protopool",
     "convert_original_checkpoint": "convert",
-    "Explanation": "explain",
-    "explain": "explain",
+    "Explanation": "explanation",
+    "explain": "explanation",
     "export_onnx": "export",
     "push_to_hub": "hub",
     "save_model_folder": "hub",

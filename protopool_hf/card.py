@@ -21,7 +21,7 @@ from huggingface_hub.utils import yaml_dump
 from .atomic import read_json
 from .card_sections import section_values
 from .configuration_protopool import ProtoPoolConfig
-from .visualization import parse_prototype_filename
+from .pictures import parse_prototype_filename
 
 
 __all__ = [

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .configuration_protopool import ProtoPoolConfig
-from .visualization import PROTOTYPES_DIR, prototype_filenames
+from .pictures import PROTOTYPES_DIR, prototype_filenames
 
 
 __all__ = ["section_values"]

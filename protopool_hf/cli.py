@@ -365,7 +365,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     """`protopool-hf explain`."""
     from transformers import AutoModelForImageClassification
 
-    from .explain import explain
+    from .explanation import explain
 
     check_model_source(args.model)
     check_image_file(args.image)

@@ -5,7 +5,7 @@ ECCV 2022 (https://arxiv.org/abs/2112.02902).
 
 A ProtoPool repository holds what `save_pretrained` writes (config.json, model.safetensors, preprocessor_config.json
 and the modeling code, so `trust_remote_code=True` works without this package), the prototype pictures under
-`prototypes/` (drawn by `protopool_hf.visualization` from the projection provenance) and a README.md, the model card
+`prototypes/` (drawn by `protopool_hf.gallery` from the projection provenance) and a README.md, the model card
 (`protopool_hf.card`).
 
 * `save_model_folder` writes the whole folder next to the target and swaps it in (`protopool_hf.atomic`).
@@ -29,7 +29,7 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelet
 
 from .atomic import link_or_copy, read_json, replace_folder
 from .card import METRIC_FILES, ProtoPoolModelCardData, load_metrics, merge_model_cards, render_model_card
-from .visualization import GALLERY_FILENAME, PROTOTYPES_DIR
+from .pictures import GALLERY_FILE, PROTOTYPES_DIR
 
 
 __all__ = [
@@ -42,8 +42,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The gallery picture, relative to the folder (or repo) root.
-_GALLERY = f"{PROTOTYPES_DIR}/{GALLERY_FILENAME}"
 # Files of a model folder that `push_to_hub` uploads (besides the modeling code and prototypes/*.png).
 _MODEL_FILES = re.compile(
     r"config\.json|preprocessor_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
@@ -82,7 +80,7 @@ def save_model_folder(
         model: a `ProtoPoolForImageClassification`.
         folder: the target folder; created if missing.
         dataset: the dataset the prototypes were projected on, to draw their pictures
-            (`protopool_hf.visualization.save_prototype_images`).
+            (`protopool_hf.gallery.save_prototype_images`).
         metrics: the last evaluation (see `render_model_card`).
         dataset_name: the Hub dataset id (see `render_model_card`).
         training_args: `TrainingArguments` or a mapping, for the card's training section.
@@ -131,7 +129,7 @@ def save_model_folder(
             dataset_name=dataset_name,
             training_args=training_args,
             prototype_files=_pictures_in(staging),
-            gallery_file=_GALLERY if (staging / _GALLERY).is_file() else None,
+            gallery_file=GALLERY_FILE if (staging / GALLERY_FILE).is_file() else None,
             existing_card=existing,
         )
         card.save(staging / "README.md")
@@ -270,7 +268,7 @@ def push_to_hub(
             dataset_name=dataset_name,
             training_args=training_args,
             prototype_files=_pictures_in(staging),
-            gallery_file=_GALLERY if (staging / _GALLERY).is_file() else None,
+            gallery_file=GALLERY_FILE if (staging / GALLERY_FILE).is_file() else None,
             existing_card=local_card if local_card is not None else remote_card,
         )
         if local_card is not None and remote_card is not None:  # the folder's card is newer; the repo's text wins
@@ -300,8 +298,8 @@ def push_to_hub(
 
 
 def _draw_pictures(model: torch.nn.Module, dataset: Any, folder: Path) -> None:
-    """Write `folder/prototypes/prototype_NNN*.png` and `folder/prototypes/gallery.png` (visualization module)."""
-    from .visualization import save_prototype_images
+    """Write `folder/prototypes/prototype_NNN*.png` and `folder/prototypes/gallery.png` (gallery module)."""
+    from .gallery import save_prototype_images
 
     save_prototype_images(model, dataset, folder, gallery=True)
 

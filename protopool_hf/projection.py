@@ -548,7 +548,7 @@ def _is_sharded(loader: Any) -> bool:
 def default_dataset_name(data: Any) -> str | None:
     """The name a projection records by default: a `datasets.Dataset`'s name (+ `/config`), else its fingerprint.
 
-    Also used by `protopool_hf.visualization` to check that pictures are drawn from the projection's dataset.
+    Also used by `protopool_hf.sources` to check that pictures are drawn from the projection's dataset.
     Returns None for data that is not (a loader of) a `datasets.Dataset`.
     """
     dataset = getattr(data, "dataset", data)

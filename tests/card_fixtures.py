@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
-from protopool_hf.visualization import GALLERY_FILENAME, PROTOTYPES_DIR
+from protopool_hf.pictures import GALLERY_FILE
 
 
 REPO = "org/protopool-tiny"
@@ -30,7 +30,7 @@ MODEL_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "
 PICTURES = {0, 1, 2, 3, 5}
 
 
-GALLERY = f"{PROTOTYPES_DIR}/{GALLERY_FILENAME}"  # the gallery, relative to the folder or repo root
+GALLERY = GALLERY_FILE  # the gallery, relative to the folder or repo root
 
 
 def tiny_model(projected: bool = True) -> ProtoPoolForImageClassification:
@@ -78,7 +78,7 @@ def png(color: tuple[int, int, int], size: tuple[int, int] = (8, 6)) -> bytes:
 
 
 def write_pictures(folder: Path, ids=PICTURES) -> set[str]:
-    """Stand-ins for visualization.save_prototype_images: a crop per prototype and the gallery."""
+    """Stand-ins for gallery.save_prototype_images: a crop per prototype and the gallery."""
     names = {f"prototypes/prototype_{p:03d}.png" for p in ids} | {GALLERY}
     for index, name in enumerate(sorted(names)):
         (folder / name).parent.mkdir(parents=True, exist_ok=True)

@@ -224,7 +224,7 @@ def test_bad_extra_sections_are_refused(sections, match):
         render_model_card(tiny_model(), extra_sections=sections)
 
 
-def test_only_the_crops_named_as_visualization_writes_them_are_linked():
+def test_only_the_crops_named_as_pictures_writes_them_are_linked():
     names = ["prototypes/prototype_003.png", "prototypes/prototype_003_overlay.png", "prototypes/prototype_5.png"]
     text = render_model_card(tiny_model(), prototype_files=[*names, "prototypes/gallery.png"]).text
     assert "[3](prototypes/prototype_003.png)" in text and "[5](" not in text and "overlay.png)" not in text

@@ -71,7 +71,7 @@ def test_save_model_folder_draws_the_pictures_from_the_dataset(tmp_path, monkeyp
         calls.append((dataset, gallery))
         write_pictures(Path(out_dir))
 
-    monkeypatch.setattr("protopool_hf.visualization.save_prototype_images", fake_save_prototype_images)
+    monkeypatch.setattr("protopool_hf.gallery.save_prototype_images", fake_save_prototype_images)
     folder = save_model_folder(tiny_model(), tmp_path / "out", dataset="the dataset")
     assert calls == [("the dataset", True)] and (folder / GALLERY).is_file()
     assert "](prototypes/gallery.png)" in (folder / "README.md").read_text()

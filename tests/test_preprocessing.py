@@ -13,8 +13,8 @@ import torch
 from transformers import AutoImageProcessor, BitImageProcessor
 
 from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification, push_to_hub
-from protopool_hf import visualization as viz
 from protopool_hf.data import from_hf_dataset, make_transforms
+from protopool_hf.maps import preprocess
 from protopool_hf.preprocessing import EvalTransform, eval_data_config, image_processor_dict
 
 
@@ -77,7 +77,7 @@ def test_auto_image_processor_is_bit_exact_with_the_library_eval_transform(tmp_p
     transform = EvalTransform(model.config)
     for image, expected in zip(images[::3], ours[::3], strict=True):
         assert torch.equal(transform.normalise(transform.view(image)), expected)
-        assert torch.equal(viz.preprocess(image, model.config)[0], expected)
+        assert torch.equal(preprocess(image, model.config)[0], expected)
 
 
 def test_the_stock_processor_needs_neither_remote_code_nor_the_package(tmp_path):

@@ -303,11 +303,11 @@ def evaluate_interpretability(
         for row in _progress(range(count), progress, "explanations", count):
             item, label = load(dataset, row, mask_of, parts)
             c, ids = top[row][0], top[row][1:]
+            distances = prototype_distance_maps(model, item.pixels[None])  # (1, P, H, W), shared by the maps below
             if item.mask is not None:
-                distances = prototype_distance_maps(model, item.pixels[None])[0]  # (P, H, W)
                 height, width = distances.shape[-2:]
                 for p in ids:
-                    r, q = divmod(int(distances[p].argmin()), width)
+                    r, q = divmod(int(distances[0, p].argmin()), width)
                     y0, y1 = _cell_span(r, height, size[0])
                     x0, x1 = _cell_span(q, width, size[1])
                     cell_shares.append(float(item.mask[y0:y1, x0:x1].mean()))
@@ -318,8 +318,9 @@ def evaluate_interpretability(
                     -STABILITY_NOISE[1], STABILITY_NOISE[1]
                 )
                 noisy = (item.pixels + noise)[None]
+                noisy_distances = prototype_distance_maps(model, noisy)
             for method in methods:
-                maps = localisation_maps(model, item.pixels[None], [ids], method, smoothgrad)[0]
+                maps = localisation_maps(model, item.pixels[None], [ids], method, smoothgrad, distances)[0]
                 boxes = [high_activation_box(m, PERCENTILE) for m in maps]
                 if item.mask is not None:
                     shares[method] += [item.object_share(box) for box in boxes]
@@ -328,8 +329,8 @@ def evaluate_interpretability(
                 )
                 curves[method].append(curve)
                 if class_ids is not None:
-                    clean = localisation_maps(model, item.pixels[None], [class_ids], method, smoothgrad)[0]
-                    shaken = localisation_maps(model, noisy, [class_ids], method, smoothgrad)[0]
+                    clean = localisation_maps(model, item.pixels[None], [class_ids], method, smoothgrad, distances)[0]
+                    shaken = localisation_maps(model, noisy, [class_ids], method, smoothgrad, noisy_distances)[0]
                     for p, a, b in zip(class_ids, clean, shaken, strict=True):
                         unit = units.setdefault((label, p), {})
                         record = unit.setdefault(method, {"clean": [], "noisy": [], "visible": []})

@@ -84,8 +84,11 @@ def prototype_distance_maps(model: torch.nn.Module, pixel_values: torch.Tensor) 
         return model.prototype_distances(pixel_values.to(device=device, dtype=dtype)).float().cpu()
 
 
-def _upsampled(model: torch.nn.Module, pixel_values: torch.Tensor, prototype_ids: np.ndarray) -> np.ndarray:
-    distances = prototype_distance_maps(model, pixel_values)
+def _upsampled(
+    model: torch.nn.Module, pixel_values: torch.Tensor, prototype_ids: np.ndarray, distances: torch.Tensor | None
+) -> np.ndarray:
+    if distances is None:
+        distances = prototype_distance_maps(model, pixel_values)
     maps = log_similarity(distances, model.config.similarity_epsilon)
     size = tuple(pixel_values.shape[-2:])
     out = np.zeros((*prototype_ids.shape, *size), dtype=np.float32)
@@ -126,6 +129,7 @@ def localisation_maps(
     prototype_ids: Sequence[Sequence[int]] | np.ndarray,
     method: str = "upsampled",
     smoothgrad: SmoothGrad | None = None,
+    distances: torch.Tensor | None = None,
 ) -> np.ndarray:
     """The localisation map of given prototypes on given images.
 
@@ -135,6 +139,8 @@ def localisation_maps(
         prototype_ids: `(N, K)` prototype ids: K prototypes for each image.
         method: `"upsampled"` or `"gradient"` (see the module docstring).
         smoothgrad: parameters of `"gradient"` (default `SmoothGrad()`).
+        distances: the images' `(N, P, H, W)` distances when already computed (`prototype_distance_maps`): the
+            upsampled maps then need no forward pass.
 
     Returns:
         `(N, K, H_in, W_in)` float32 maps.
@@ -145,7 +151,7 @@ def localisation_maps(
     if ids.size and (ids.min() < 0 or ids.max() >= num):
         raise ValueError(f"prototype ids must be in [0, {num}), got {ids.min()}..{ids.max()}.")
     if method == "upsampled":
-        return _upsampled(model, pixel_values, ids)
+        return _upsampled(model, pixel_values, ids, distances)
     return _gradient(model, pixel_values, ids, smoothgrad or SmoothGrad())
 
 

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from .explain import Explanation, explain
     from .export import export_onnx
     from .hub import push_to_hub, render_model_card, save_model_folder
+    from .interpretability import evaluate_interpretability
+    from .metrics import InterpretabilityReport
     from .modeling_protopool import ProtoPoolForImageClassification, ProtoPoolOutput, ProtoPoolPreTrainedModel
     from .projection import ProjectionResult, project_prototypes
     from .training import ProtoPoolRecipe, ProtoPoolTrainer, protopool_param_groups, train_protopool
@@ -43,6 +45,8 @@ _EXPORTS = {
     "push_to_hub": "hub",
     "render_model_card": "hub",
     "save_model_folder": "hub",
+    "evaluate_interpretability": "interpretability",
+    "InterpretabilityReport": "metrics",
     "ProtoPoolForImageClassification": "modeling_protopool",
     "ProtoPoolOutput": "modeling_protopool",
     "ProtoPoolPreTrainedModel": "modeling_protopool",

@@ -18,9 +18,12 @@ ProtoPool slots map to the pool by `model.class_to_prototypes()` (the argmax ove
 Gumbel noise); slots of one class that share a prototype count once wherever a list of prototypes is ranked.
 """
 
+import json
 import math
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +37,9 @@ __all__ = [
     "BoxStats",
     "InterpretabilityReport",
     "LocalisationScores",
+    "ReportCard",
     "nonzero_mask",
+    "report_card",
     "structure_metrics",
 ]
 
@@ -175,6 +180,30 @@ class InterpretabilityReport:
         """A JSON-serialisable dict (NaN and infinities become None)."""
         return _json_safe(asdict(self))
 
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write `to_dict()` as JSON: to a temporary file next to `path`, then renamed onto it (never half-written).
+
+        Args:
+            path: the file, or a folder (e.g. the model folder) to write `interpretability.json` into.
+            overwrite: replace an existing file (default: refuse).
+
+        Returns:
+            The path written.
+        """
+        path = Path(path)
+        if path.is_dir():
+            path = path / REPORT_FILENAME
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{str(path)!r} already exists: pass overwrite=True (--overwrite) to replace it.")
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            temporary.write_text(text, encoding="utf-8")
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+        return path
+
 
 def _json_safe(value: Any) -> Any:
     if isinstance(value, dict):
@@ -224,3 +253,109 @@ def top_prototypes(slot_contributions: np.ndarray, slot_prototypes: np.ndarray, 
     """The distinct prototypes of a class's slots, by decreasing contribution, at most `k` (`(S,)` inputs)."""
     order = np.argsort(-np.asarray(slot_contributions), kind="stable")
     return list(dict.fromkeys(int(slot_prototypes[s]) for s in order))[:k]
+
+
+# --------------------------------------------------------------------------- the model card
+
+# (report key, name, one-line meaning); box-based keys are read under every localisation.
+_CARD_ROWS = (
+    ("accuracy", "accuracy", "top-1 accuracy on the evaluated images"),
+    ("prototypes_used_share", "prototypes used", "share of the pool that some class slot uses"),
+    ("duplicate_slots", "duplicate slots", "class slots whose prototype another slot of the same class also uses"),
+    ("classes_per_prototype_mean", "classes per prototype", "mean number of classes sharing a used prototype"),
+    ("explanation_size_mean", "explanation size", "slots carrying 90 % of the winning logit (mean over images)"),
+    (
+        "top_slot_cells_background_share",
+        "background top-slot cells",
+        "share of the top slots' nearest latent cells with under 10 % object pixels",
+    ),
+)
+_LOCALISED_ROWS = (
+    (
+        "prototype_sources.background_share",
+        "background prototypes",
+        "share of used prototypes whose source box has under 10 % object pixels (lower is better)",
+    ),
+    (
+        "test_top_slots.background_share",
+        "background evidence",
+        "share of the top slots' boxes on test images with under 10 % object pixels (lower is better)",
+    ),
+    ("test_top_slots.mean_object_share", "object share of evidence", "mean share of object pixels in those boxes"),
+    ("consistency", "consistency (%)", "prototypes hitting the same part in >= 80 % of their class's images"),
+    ("stability", "stability (%)", "images whose part hits survive input noise"),
+    ("purity_mean", "purity", "best part's presence in a prototype's top-10 patches (mean)"),
+    ("deletion_auc", "deletion AUC", "probability left as the top slots' boxes are removed (lower is more faithful)"),
+    ("random_deletion_auc", "random deletion AUC", "the same for random boxes of the same sizes"),
+)
+
+
+@dataclass
+class ReportCard:
+    """The report as a model card shows it.
+
+    Attributes:
+        markdown: a section body: a table of the metrics with their one-line meanings.
+        model_index: the numeric entries for `model-index` eval results: `{"type", "name", "value"}` each, to pass
+            as `huggingface_hub.EvalResult(metric_type=..., metric_name=..., metric_value=...)`.
+    """
+
+    markdown: str
+    model_index: list[dict[str, Any]]
+
+
+def _lookup(content: Mapping[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(content, Mapping):
+            return None
+        content = content.get(part)
+    return content
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "–"
+    return str(value) if isinstance(value, int) else f"{value:.3g}"
+
+
+def report_card(report: "InterpretabilityReport | Mapping[str, Any]") -> ReportCard:
+    """Render an interpretability report (or its `to_dict()`, e.g. read from `interpretability.json`) for a card.
+
+    Returns:
+        A `ReportCard`: the markdown table (metrics not measured are left out) and the `model-index` entries.
+    """
+    content = report.to_dict() if isinstance(report, InterpretabilityReport) else dict(report)
+    localisations = list((content.get("localisations") or {}).keys())
+    lines = [
+        f"Measured on {content.get('num_images')} images ({content.get('num_localised_images')} for the box-based "
+        "metrics) with `protopool_hf.evaluate_interpretability`; definitions in the protopool-hf metrics docs.",
+        "",
+        "| metric | value | meaning |",
+        "|---|---|---|",
+    ]
+    entries = []
+    for key, name, meaning in _CARD_ROWS:
+        value = content.get(key)
+        if value is not None:
+            lines.append(f"| {name} | {_format(value)} | {meaning} |")
+            entries.append({"type": f"interpretability/{key}", "name": name, "value": value})
+    rows = []
+    for key, name, meaning in _LOCALISED_ROWS:
+        values = [_lookup(content["localisations"][m], key) for m in localisations]
+        if all(v is None for v in values):
+            continue
+        rows.append(f"| {name} | " + " | ".join(_format(v) for v in values) + f" | {meaning} |")
+        for method, value in zip(localisations, values, strict=True):
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                entries.append(
+                    {"type": f"interpretability/{method}/{key}", "name": f"{name} ({method})", "value": value}
+                )
+    if rows:
+        header = ["metric", *(f"{m} boxes" for m in localisations), "meaning"]
+        lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *rows]
+    if content.get("more_faithful_localisation"):
+        lines += [
+            "",
+            f"The deletion check finds the **{content['more_faithful_localisation']}** localisation more faithful.",
+        ]
+    return ReportCard("\n".join(lines) + "\n", entries)

@@ -38,6 +38,7 @@ __all__ = [
     "InterpretabilityReport",
     "LocalisationScores",
     "ReportCard",
+    "load_masks",
     "nonzero_mask",
     "report_card",
     "structure_metrics",
@@ -64,6 +65,40 @@ def nonzero_mask(image: PIL.Image.Image) -> np.ndarray:
 MASK_RULES: dict[str, Callable[[PIL.Image.Image], np.ndarray]] = {"fashion-mnist": nonzero_mask}
 
 Masks = Sequence[np.ndarray] | Callable[[PIL.Image.Image], np.ndarray] | str
+
+
+def load_masks(path: str | os.PathLike, flag: str = "") -> list[np.ndarray]:
+    """Object masks from a `.npy` array, or the only (or `masks`) array of a `.npz` file, of booleans `(N, H, W)`.
+
+    Args:
+        path: the file.
+        flag: how error messages name the file's option (e.g. `"--masks "`).
+
+    Returns:
+        One `(H, W)` boolean mask per image.
+    """
+    path = Path(path)
+    name = f"{flag}{str(path)!r}"
+    if path.suffix not in (".npy", ".npz"):
+        raise ValueError(f"{name}: pass a .npy or .npz file of booleans (N, H, W), or a rule {sorted(MASK_RULES)}.")
+    if not path.is_file():
+        raise FileNotFoundError(f"{name} does not exist: check the path.")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{name} could not be read as a numpy file: {error}.") from error
+    if path.suffix == ".npz":
+        with loaded:
+            names = list(loaded.files)
+            if "masks" not in names and len(names) != 1:
+                raise ValueError(f"{name} holds arrays {names}: name the masks array `masks`.")
+            loaded = loaded["masks" if "masks" in names else names[0]]
+    if loaded.ndim != 3 or loaded.dtype != bool:
+        raise ValueError(
+            f"{name} holds a {loaded.dtype} array of shape {loaded.shape}: save booleans of shape (N, H, W), one "
+            "mask per evaluated image, e.g. np.save(path, masks.astype(bool))."
+        )
+    return list(loaded)
 
 
 @dataclass

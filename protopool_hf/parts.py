@@ -25,6 +25,7 @@ hits):
   (`PartAnnotations.merged_groups`).
 """
 
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -115,6 +116,25 @@ class PartAnnotations:
                 points[names.index(name)] = [float(xy[0]), float(xy[1])]
             keypoints.append(points)
         return cls(names, keypoints, source)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike, limit: int | None = None) -> "PartAnnotations":
+        """Read a JSON list with one `{part name: [x, y]}` object (or null) per image, in the dataset's row order.
+
+        Args:
+            path: the file.
+            limit: keep only the first `limit` rows.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Part file {str(path)!r} does not exist: check the path.")
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"Part file {str(path)!r} is not valid JSON: {error}.") from error
+        if not isinstance(rows, list) or not all(row is None or isinstance(row, dict) for row in rows):
+            raise ValueError(f"Part file {str(path)!r}: expected a JSON list with one {{part: [x, y]}} per image.")
+        return cls.from_rows(rows[:limit] if limit is not None else rows, source=str(path))
 
     def check_inside(self, row: int, size: tuple[int, int]) -> None:
         """Raise a `ValueError` naming the row and part when a visible keypoint lies outside an `(H, W)` image."""

@@ -295,3 +295,12 @@ def test_bad_arguments_are_named(dataset):
         evaluate_interpretability(model, dataset, parts=outside, localisation="upsampled")
     with pytest.raises(ValueError, match=r"unknown part names \['wing'\]"):
         PartAnnotations.from_rows([{"wing": (1, 2)}], names=PART_NAMES)
+
+
+def test_the_docs_example_runs_and_prints_the_known_values(capsys):
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "metrics.md").read_text()
+    snippet = text.split("## A model whose answers are known")[1].split("```python\n")[1].split("```")[0]
+    exec(compile(snippet, "docs/metrics.md", "exec"), {})
+    assert capsys.readouterr().out.split() == ["0.0", "1.0"]

@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--out", type=Path, help="report file (default: interpretability.json in the model folder)")
     evaluate.add_argument(
-        "--max-images", type=positive_int, default=200, help="images for the box, part and deletion metrics"
+        "--max-images", type=positive_int, default=100, help="images for the box, part and deletion metrics"
     )
     evaluate.add_argument("--limit", type=positive_int, help="evaluate only the first N test images")
     evaluate.add_argument(

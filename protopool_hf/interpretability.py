@@ -271,13 +271,14 @@ def evaluate_interpretability(
         top: list[list[int]] = []
         count = min(len(dataset), max_images or len(dataset))
         rows = range(len(dataset))
+        parameter = next(model.parameters())
+        device, dtype = parameter.device, parameter.dtype if parameter.dtype.is_floating_point else torch.float32
         for start in _progress(range(0, len(dataset), batch_size), progress, "forward", None):
             chunk = rows[start : start + batch_size]
             batch = [_row(dataset, i, image_column, label_column) for i in chunk]
             pixels = torch.stack([transform(to_rgb(image)) for image, _ in batch])
-            device = next(model.parameters()).device
             with torch.no_grad():
-                out = model(pixel_values=pixels.to(device))
+                out = model(pixel_values=pixels.to(device=device, dtype=dtype))
             logits, sims = (
                 out.logits.float().cpu().numpy(),
                 out.similarities.float().cpu().numpy(),

@@ -445,10 +445,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         masks = load_masks(Path(masks), flag="--masks ")
     if args.parts is not None and not args.parts.exists():
         raise FileNotFoundError(f"--parts {str(args.parts)!r} does not exist: check the path.")
-    from .interpretability import evaluate_interpretability
-    from .modeling_protopool import ProtoPoolForImageClassification
+    from transformers import AutoModelForImageClassification
 
-    model = _load_model(ProtoPoolForImageClassification, args.model).eval()
+    from .interpretability import evaluate_interpretability
+
+    model = _load_model(AutoModelForImageClassification, args.model).eval()
     train, test = load_splits(args.dataset, args.data_root)
     dataset = test if test is not None else train
     if args.limit is not None:

@@ -95,7 +95,7 @@ def _mask_function(masks: Masks | None, source: str) -> Callable[[int, PIL.Image
         rule = MASK_RULES[masks]
         return lambda row, image: rule(image)
     if callable(masks):
-        return lambda row, image: np.asarray(masks(image))
+        return lambda row, image: _checked_mask(masks(image), row, image, f"The mask function's output for {source}")
     return lambda row, image: _checked_mask(masks[row], row, image, source)
 
 
@@ -162,7 +162,7 @@ def _progress(iterable: Any, enabled: bool, description: str, total: int | None 
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=description, total=total, unit="image")
+    return tqdm(iterable, desc=description, total=total)
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -245,6 +245,20 @@ def evaluate_interpretability(
         _check_annotations(name, value, data)
     mask_of = _mask_function(masks, "masks")
     projection_mask_of = _mask_function(projection_masks, "projection_masks")
+    count = min(len(dataset), max_images or len(dataset))
+    # Annotations of the images the costly metrics read are checked before any work.
+    for data, mask_fn, annotations in (
+        (dataset, None if masks is None or callable(masks) or isinstance(masks, str) else mask_of, parts),
+        (projection_dataset, None, projection_parts),
+    ):
+        if mask_fn is None and annotations is None:
+            continue
+        for row in range(min(len(data), count)):
+            image, _ = _row(data, row, image_column, label_column)
+            if mask_fn is not None:
+                mask_fn(row, image)
+            if annotations is not None:
+                annotations.check_inside(row, (image.height, image.width))
     transform = EvalTransform(model.config)
     config = model.config
     size = tuple(int(v) for v in config.input_size[1:])
@@ -269,11 +283,10 @@ def evaluate_interpretability(
         # ---- pass 1, every image: predictions, explanation size, the top slots of the predicted class
         correct, sizes, labelled = 0, [], 0
         top: list[list[int]] = []
-        count = min(len(dataset), max_images or len(dataset))
         rows = range(len(dataset))
         parameter = next(model.parameters())
         device, dtype = parameter.device, parameter.dtype if parameter.dtype.is_floating_point else torch.float32
-        for start in _progress(range(0, len(dataset), batch_size), progress, "forward", None):
+        for start in _progress(range(0, len(dataset), batch_size), progress, f"forward (batches of {batch_size})"):
             chunk = rows[start : start + batch_size]
             batch = [_row(dataset, i, image_column, label_column) for i in chunk]
             pixels = torch.stack([transform(to_rgb(image)) for image, _ in batch])

@@ -2,7 +2,7 @@
 
 Shape alphabet: N images, C classes, P prototypes, S slots per class, H, W feature-map size, H_in, W_in model input.
 
-The report (definitions and sources in `docs/metrics.md` and in `FIELDS`) has four groups:
+The report (definitions and sources in `docs/metrics.md` and in the dataclasses' docstrings) has four groups:
 
 - **structure** (the model alone, and one forward pass over the evaluation images): prototypes used, duplicate
   slots, classes per prototype, explanation size;

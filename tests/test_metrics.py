@@ -278,21 +278,27 @@ def test_bad_arguments_are_named(dataset):
     model = make_model(("object",) * 4, dataset)
     with pytest.raises(ValueError, match=rf"masks has 2 entries but its dataset has {len(POSITIONS)} rows"):
         evaluate_interpretability(model, dataset, masks=[np.ones((SIZE, SIZE), bool)] * 2)
-    with pytest.raises(ValueError, match=r"masks\[0\] has shape \(5, 5\).*96x96"):
-        evaluate_interpretability(
-            model, dataset, masks=[np.ones((5, 5), bool)] * len(POSITIONS), localisation="upsampled"
-        )
+
     with pytest.raises(ValueError, match="Unknown mask rule 'mnist'"):
         evaluate_interpretability(model, dataset, masks="mnist")
     with pytest.raises(ValueError, match="localisation must be one or more of"):
         evaluate_interpretability(model, dataset, localisation="saliency")
     with pytest.raises(ValueError, match="max_images must be a positive int, got 0"):
         evaluate_interpretability(model, dataset, max_images=0)
+    with pytest.raises(ValueError, match=r"mask function's output for masks\[0\] has shape \(3,\)"):
+        evaluate_interpretability(model, dataset, masks=lambda image: np.ones(3, bool), localisation="upsampled")
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the annotations are checked before any forward pass")
+
+    model.forward = no_forward  # mask arrays and keypoints are checked before any work
+    with pytest.raises(ValueError, match=r"masks\[0\] has shape \(5, 5\).*96x96"):
+        evaluate_interpretability(model, dataset, masks=[np.ones((5, 5), bool)] * len(POSITIONS))
     outside = PartAnnotations.from_rows(
         [{"head": (120.0, 10.0)}] * len(POSITIONS), names=PART_NAMES, source="parts.json"
     )
     with pytest.raises(ValueError, match=r"parts.json: row 0, part 'head' at \(x, y\) = \(120.0, 10.0\) lies outside"):
-        evaluate_interpretability(model, dataset, parts=outside, localisation="upsampled")
+        evaluate_interpretability(model, dataset, parts=outside)
     with pytest.raises(ValueError, match=r"unknown part names \['wing'\]"):
         PartAnnotations.from_rows([{"wing": (1, 2)}], names=PART_NAMES)
 

@@ -385,6 +385,9 @@ def evaluate_interpretability(
                     source_shares[method].append(item.object_share(high_activation_box(activation, PERCENTILE)))
             for method in methods:
                 scores[method].prototype_sources = BoxStats.of(source_shares[method])
+                scores[method].background_prototypes = [
+                    p for p, share in zip(projected, source_shares[method], strict=True) if share < BACKGROUND_BELOW
+                ]
         if projection_parts is not None:
             _purity(
                 model,

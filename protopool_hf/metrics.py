@@ -137,6 +137,7 @@ class LocalisationScores:
 
     Attributes:
         prototype_sources: `BoxStats` of the used, projected prototypes' boxes on their source images.
+        background_prototypes: the ids of those prototypes whose source box is background (under 10 % object).
         test_top_slots: `BoxStats` of the top slots' boxes on the evaluation images.
         consistency: Huang et al.'s consistency, % of (class, prototype) pairs hitting one part in >= 80 % of the
             class's images (box ±36 px at 224, scaled, around the map's peak).
@@ -153,6 +154,7 @@ class LocalisationScores:
     """
 
     prototype_sources: BoxStats | None = None
+    background_prototypes: list[int] | None = None
     test_top_slots: BoxStats | None = None
     consistency: float | None = None
     stability: float | None = None

@@ -126,7 +126,7 @@ def object_report(dataset):
 
 def test_object_prototypes_are_all_object_and_consistent(object_report):
     scores = object_report.localisations["upsampled"]
-    assert scores.prototype_sources == BoxStats(4, 0.0, 1.0, 1.0)
+    assert scores.prototype_sources == BoxStats(4, 0.0, 1.0, 1.0) and scores.background_prototypes == []
     assert scores.test_top_slots == BoxStats(len(POSITIONS) * 2, 0.0, 1.0, 1.0)
     assert object_report.top_slot_cells_background_share == 0.0
     assert object_report.top_slot_cells_mean_object_share == 1.0
@@ -151,6 +151,7 @@ def test_background_prototypes_are_all_background(dataset):
     )
     scores = report.localisations["upsampled"]
     assert scores.prototype_sources.background_share == 1.0
+    assert scores.background_prototypes == [0, 1, 2, 3]
     assert scores.test_top_slots.background_share == 1.0
     assert scores.test_top_slots.half_object_share == 0.0
     assert report.top_slot_cells_background_share == 1.0

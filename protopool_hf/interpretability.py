@@ -25,7 +25,6 @@ from .metrics import (
     BACKGROUND_BELOW,
     CONSISTENCY_HALF_SIZE,
     CONSISTENCY_THRESHOLD,
-    MASK_RULES,
     MOSTLY_OBJECT,
     PERCENTILE,
     PURITY_PATCH,
@@ -37,10 +36,20 @@ from .metrics import (
     LocalisationScores,
     Masks,
     explanation_size,
+    mask_reader,
     structure_metrics,
     top_prototypes,
 )
-from .parts import PartAnnotations, box_hits, consistency_score, peak_box, peak_patch, purity_scores, stability_score
+from .parts import (
+    PartAnnotations,
+    PurityScores,
+    box_hits,
+    consistency_score,
+    peak_box,
+    peak_patch,
+    purity_scores,
+    stability_score,
+)
 from .preprocessing import EvalTransform
 from .visualization import high_activation_box
 
@@ -84,29 +93,6 @@ def _rows_of(dataset: Any, indices: Sequence[int]) -> list[int]:
             "pass the dataset the projection used."
         )
     return [row_of[i] for i in indices]
-
-
-def _mask_function(masks: Masks | None, source: str) -> Callable[[int, PIL.Image.Image], np.ndarray] | None:
-    if masks is None:
-        return None
-    if isinstance(masks, str):
-        if masks not in MASK_RULES:
-            raise ValueError(f"Unknown mask rule {masks!r}: use one of {sorted(MASK_RULES)}, or pass boolean arrays.")
-        rule = MASK_RULES[masks]
-        return lambda row, image: rule(image)
-    if callable(masks):
-        return lambda row, image: _checked_mask(masks(image), row, image, f"The mask function's output for {source}")
-    return lambda row, image: _checked_mask(masks[row], row, image, source)
-
-
-def _checked_mask(mask: Any, row: int, image: PIL.Image.Image, source: str) -> np.ndarray:
-    array = np.asarray(mask)
-    if array.shape != (image.height, image.width):
-        raise ValueError(
-            f"{source}[{row}] has shape {array.shape}, but the image at row {row} is {image.height}x{image.width} "
-            "(H x W): give one boolean mask per image, the size of the image as the dataset decodes it."
-        )
-    return array.astype(bool)
 
 
 def _check_annotations(name: str, value: Any, dataset: Any) -> None:
@@ -243,8 +229,8 @@ def evaluate_interpretability(
         ("projection_parts", projection_parts, projection_dataset),
     ):
         _check_annotations(name, value, data)
-    mask_of = _mask_function(masks, "masks")
-    projection_mask_of = _mask_function(projection_masks, "projection_masks")
+    mask_of = mask_reader(masks, "masks")
+    projection_mask_of = mask_reader(projection_masks, "projection_masks")
     count = min(len(dataset), max_images or len(dataset))
     # Annotations of the images the costly metrics read are checked before any work.
     for data, mask_fn, annotations in (
@@ -389,23 +375,23 @@ def evaluate_interpretability(
                     p for p, share in zip(projected, source_shares[method], strict=True) if share < BACKGROUND_BELOW
                 ]
         if projection_parts is not None:
-            _purity(
+            purity = _purity(
                 model,
                 projection_dataset,
                 projection_parts,
                 used,
                 methods,
-                scores,
-                load,
-                patch,
-                smoothgrad,
-                {
-                    "max_images": max_images,
-                    "batch_size": batch_size,
-                    "progress": progress,
-                    "columns": (image_column, label_column),
-                },
+                load=load,
+                count=min(len(projection_dataset), max_images or len(projection_dataset)),
+                batch_size=batch_size,
+                patch=patch,
+                smoothgrad=smoothgrad,
+                progress=progress,
+                columns=(image_column, label_column),
             )
+            for method, result in purity.items():
+                scores[method].purity_mean, scores[method].purity_std = result.mean, result.std
+                scores[method].purity_part_related_share = result.part_related_share
 
     structure = structure_metrics(slots, int(config.num_prototypes))
     gains = {m: scores[m].deletion_gain for m in methods if scores[m].deletion_gain is not None}
@@ -456,19 +442,21 @@ def _purity(
     annotations: PartAnnotations,
     used: list[int],
     methods: Sequence[str],
-    scores: dict[str, LocalisationScores],
+    *,
     load: Callable[..., tuple[_Image, int | None]],
+    count: int,
+    batch_size: int,
     patch: int,
     smoothgrad: SmoothGrad,
-    options: Mapping[str, Any],
-) -> None:
-    """PIP-Net's purity of the used prototypes over their top-k images of `dataset` (its first `max_images`)."""
-    count = min(len(dataset), options["max_images"] or len(dataset))
-    image_column, label_column = options["columns"]
+    progress: bool,
+    columns: tuple[str, str],
+) -> dict[str, PurityScores]:
+    """PIP-Net's purity of the used prototypes over their top-k images among the first `count` rows of `dataset`."""
+    image_column, label_column = columns
     best = np.full((count, len(used)), np.inf)
     transform = EvalTransform(model.config)
-    for start in _progress(range(0, count, options["batch_size"]), options["progress"], "purity scan"):
-        chunk = range(start, min(count, start + options["batch_size"]))
+    for start in _progress(range(0, count, batch_size), progress, "purity scan"):
+        chunk = range(start, min(count, start + batch_size))
         pixels = torch.stack([transform(to_rgb(_row(dataset, i, image_column, label_column)[0])) for i in chunk])
         best[chunk.start : chunk.stop] = prototype_distance_maps(model, pixels).flatten(2).amin(dim=2)[:, used].numpy()
     k = min(PURITY_TOP_K, count)
@@ -479,7 +467,7 @@ def _purity(
             per_row.setdefault(int(row), []).append(u)
     hits = {m: [[] for _ in used] for m in methods}
     visible: list[list[np.ndarray]] = [[] for _ in used]
-    for row, members in _progress(sorted(per_row.items()), options["progress"], "purity"):
+    for row, members in _progress(sorted(per_row.items()), progress, "purity"):
         item, _ = load(dataset, row, None, annotations)
         for u in members:
             visible[u].append(item.visible)
@@ -488,7 +476,5 @@ def _purity(
             for u, activation in zip(members, maps, strict=True):
                 hits[method][u].append(box_hits(item.keypoints, peak_patch(activation, patch)))
     groups = annotations.merged_groups()
-    for method in methods:
-        result = purity_scores([np.array(h) for h in hits[method]], [np.array(v) for v in visible], groups)
-        scores[method].purity_mean, scores[method].purity_std = result.mean, result.std
-        scores[method].purity_part_related_share = result.part_related_share
+    arrays = [np.array(v) for v in visible]
+    return {m: purity_scores([np.array(h) for h in hits[m]], arrays, groups) for m in methods}

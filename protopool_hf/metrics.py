@@ -39,6 +39,7 @@ __all__ = [
     "LocalisationScores",
     "ReportCard",
     "load_masks",
+    "mask_reader",
     "nonzero_mask",
     "report_card",
     "structure_metrics",
@@ -99,6 +100,34 @@ def load_masks(path: str | os.PathLike, flag: str = "") -> list[np.ndarray]:
             "mask per evaluated image, e.g. np.save(path, masks.astype(bool))."
         )
     return list(loaded)
+
+
+def mask_reader(masks: Masks | None, source: str) -> Callable[[int, PIL.Image.Image], np.ndarray] | None:
+    """`masks` (a rule name, a function or one array per row) -> `reader(row, image)` returning the checked mask.
+
+    Raises:
+        ValueError: an unknown rule; the reader raises on a mask whose shape is not the image's, naming `source`.
+    """
+    if masks is None:
+        return None
+    if isinstance(masks, str):
+        if masks not in MASK_RULES:
+            raise ValueError(f"Unknown mask rule {masks!r}: use one of {sorted(MASK_RULES)}, or pass boolean arrays.")
+        rule = MASK_RULES[masks]
+        return lambda row, image: rule(image)
+    if callable(masks):
+        return lambda row, image: _checked_mask(masks(image), row, image, f"The mask function's output for {source}")
+    return lambda row, image: _checked_mask(masks[row], row, image, source)
+
+
+def _checked_mask(mask: Any, row: int, image: PIL.Image.Image, source: str) -> np.ndarray:
+    array = np.asarray(mask)
+    if array.shape != (image.height, image.width):
+        raise ValueError(
+            f"{source}[{row}] has shape {array.shape}, but the image at row {row} is {image.height}x{image.width} "
+            "(H x W): give one boolean mask per image, the size of the image as the dataset decodes it."
+        )
+    return array.astype(bool)
 
 
 @dataclass

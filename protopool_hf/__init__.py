@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from .explanation import Explanation, explain
     from .export import export_onnx
     from .hub import push_to_hub, save_model_folder
+    from .interpretability import evaluate_interpretability
+    from .metrics import InterpretabilityReport
     from .modeling_protopool import ProtoPoolForImageClassification, ProtoPoolOutput, ProtoPoolPreTrainedModel
     from .phases import protopool_param_groups
     from .projection import ProjectionResult, project_prototypes
@@ -47,6 +49,8 @@ _EXPORTS = {
     "export_onnx": "export",
     "push_to_hub": "hub",
     "save_model_folder": "hub",
+    "evaluate_interpretability": "interpretability",
+    "InterpretabilityReport": "metrics",
     "ProtoPoolForImageClassification": "modeling_protopool",
     "ProtoPoolOutput": "modeling_protopool",
     "ProtoPoolPreTrainedModel": "modeling_protopool",

@@ -1,4 +1,4 @@
-"""The `protopool-hf` command line: train | project | explain | push | convert | export.
+"""The `protopool-hf` command line: train | project | explain | evaluate | push | convert | export.
 
 Heavy libraries (torch, timm, transformers) are imported inside the subcommands, so `protopool-hf --help` answers at
 once (`import protopool_hf` is light too; it registers the Auto classes when transformers' are first imported). Every
@@ -11,6 +11,7 @@ Examples:
     protopool-hf train --dataset fashion-mnist --backbone resnet18 --output-dir runs/fmnist
     accelerate launch --multi_gpu --num_processes 2 examples/train.py --preset cub200 --dataset cub200 --data-root CUB_200_2011 --output-dir runs/cub
     protopool-hf explain runs/fmnist image.png --out explanation.png
+    protopool-hf evaluate runs/fmnist --dataset fashion-mnist
     protopool-hf push runs/fmnist my-org/protopool-fmnist
 """
 
@@ -36,6 +37,7 @@ from .cli_messages import (
 __all__ = ["build_parser", "main"]
 
 DATASETS = ("fashion-mnist", "cub200", "cars196", "folder")
+MASK_RULE_NAMES = ("fashion-mnist",)  # protopool_hf.metrics.MASK_RULES, named here to keep --help light
 
 
 class _Parser(argparse.ArgumentParser):
@@ -161,6 +163,38 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--json", action="store_true", help="also print the explanation as JSON (the slots of the --top-k classes)"
     )
+
+    evaluate = commands.add_parser(
+        "evaluate", parents=[debug], help="measure a model's interpretability and save interpretability.json"
+    )
+    evaluate.add_argument("model", help="model folder or Hub repo id")
+    evaluate.add_argument(
+        "--dataset", choices=DATASETS, required=True, help="which loader (its test split is evaluated)"
+    )
+    evaluate.add_argument(
+        "--data-root", type=Path, help="dataset folder (fashion-mnist: the idx files, default Debian's)"
+    )
+    evaluate.add_argument(
+        "--masks",
+        help="object masks of the evaluated images: a .npy / .npz file of booleans (N, H, W), or a rule: "
+        f"{', '.join(sorted(MASK_RULE_NAMES))} (raw pixel > 0; the default for --dataset fashion-mnist)",
+    )
+    evaluate.add_argument(
+        "--parts",
+        type=Path,
+        help="part keypoints: for cub200 the CUB_200_2011 folder (parts/part_locs.txt), else a JSON file with one "
+        "{part: [x, y]} object per evaluated image",
+    )
+    evaluate.add_argument("--out", type=Path, help="report file (default: interpretability.json in the model folder)")
+    evaluate.add_argument(
+        "--max-images", type=positive_int, default=100, help="images for the box, part and deletion metrics"
+    )
+    evaluate.add_argument("--limit", type=positive_int, help="evaluate only the first N test images")
+    evaluate.add_argument(
+        "--localisation", choices=("both", "upsampled", "gradient"), default="both", help="where a slot's box is"
+    )
+    evaluate.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing report (default: refuse)")
 
     push = commands.add_parser(
         "push", parents=[debug], help="push a model folder to the Hub in one commit, with pictures and card"
@@ -402,6 +436,64 @@ def _load_model(model_class: Any, model: str) -> Any:
         raise model_load_error(model, error) from error
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """`protopool-hf evaluate`."""
+    check_model_source(args.model)
+    if args.out is None and not Path(args.model).expanduser().is_dir():
+        raise ValueError(f"MODEL {args.model!r} is no local folder: pass --out FILE for the report.")
+    out = args.out if args.out is not None else Path(args.model).expanduser() / "interpretability.json"
+    check_output_path("--out", out, folder=False)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{str(out)!r} already exists: pass --overwrite to replace it.")
+    masks: Any = args.masks or ("fashion-mnist" if args.dataset == "fashion-mnist" else None)
+    if masks is not None and masks not in MASK_RULE_NAMES:
+        from .metrics import load_masks
+
+        masks = load_masks(Path(masks), flag="--masks ")
+    if args.parts is not None and not args.parts.exists():
+        raise FileNotFoundError(f"--parts {str(args.parts)!r} does not exist: check the path.")
+    from transformers import AutoModelForImageClassification
+
+    from .interpretability import evaluate_interpretability
+
+    model = _load_model(AutoModelForImageClassification, args.model).eval()
+    train, test = load_splits(args.dataset, args.data_root)
+    dataset = test if test is not None else train
+    if args.limit is not None:
+        dataset = dataset.select(range(min(args.limit, len(dataset))))
+    parts = projection_parts = None
+    if args.parts is not None:
+        parts, projection_parts = _read_parts(args, len(dataset), test is not None)
+    report = evaluate_interpretability(
+        model,
+        dataset,
+        masks=masks,
+        parts=parts,
+        projection_dataset=train,
+        projection_parts=projection_parts,
+        max_images=args.max_images,
+        localisation=("upsampled", "gradient") if args.localisation == "both" else args.localisation,
+        batch_size=args.batch_size,
+        progress=True,
+    )
+    path = report.save(out, overwrite=args.overwrite)
+    from .metrics import report_card
+
+    print(report_card(report).markdown)
+    print(f"Interpretability report written to {path}")
+    return 0
+
+
+def _read_parts(args: argparse.Namespace, count: int, from_test: bool) -> tuple[Any, Any]:
+    """`--parts`: keypoints of the evaluated split and of the training split (None when not given)."""
+    from .parts import PartAnnotations, load_cub_parts
+
+    if args.dataset == "cub200":
+        split = "test" if from_test else "train"
+        return load_cub_parts(args.parts, split, limit=count), load_cub_parts(args.parts, "train")
+    return PartAnnotations.from_json(args.parts, limit=count), None
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     """`protopool-hf push`."""
     from .hub import push_to_hub
@@ -467,6 +559,7 @@ COMMANDS = {
     "train": cmd_train,
     "project": cmd_project,
     "explain": cmd_explain,
+    "evaluate": cmd_evaluate,
     "push": cmd_push,
     "convert": cmd_convert,
     "export": cmd_export,

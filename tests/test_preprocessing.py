@@ -18,7 +18,14 @@ from protopool_hf.maps import preprocess
 from protopool_hf.preprocessing import EvalTransform, eval_data_config, image_processor_dict
 
 
-TINY = {"backbone": "test_resnet", "num_labels": 3, "num_prototypes": 6, "num_slots_per_class": 2, "prototype_dim": 8}
+TINY = {
+    "backbone": "test_resnet",
+    "feature_stage": 1,
+    "num_labels": 3,
+    "num_prototypes": 6,
+    "num_slots_per_class": 2,
+    "prototype_dim": 8,
+}
 # (H_0, W_0): odd and even margins, portrait and landscape, one-pixel-thin, square.
 IMAGE_SIZES = [(63, 64), (64, 63), (101, 37), (37, 101), (200, 120), (120, 200), (1, 50), (50, 1), (64, 64), (77, 77)]
 PREPROCESSING = {

@@ -24,12 +24,11 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .modeling_protopool import GumbelScheduleWarning
+from .gumbel import GumbelScheduleWarning
 
 
 __all__ = [
     "GumbelScheduleCallback",
-    "GumbelScheduleWarning",
     "ProjectionCallback",
     "SetEpochCallback",
     "WarmupCallback",

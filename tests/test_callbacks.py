@@ -13,13 +13,13 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from protopool_hf.callbacks import (
     GumbelScheduleCallback,
-    GumbelScheduleWarning,
     ProjectionCallback,
     SetEpochCallback,
     WarmupCallback,
     gumbel_scale_at,
 )
 from protopool_hf.data import collate_fn, make_transforms
+from protopool_hf.gumbel import GumbelScheduleWarning
 from protopool_hf.training import ProtoPoolTrainer, set_trainable
 
 

@@ -158,7 +158,7 @@ def test_onnx_outputs_names_shapes_and_values(explained):
     assert got["logits"].shape == (4, 4) and got["similarities"].shape == (4, 4, 2)
     assert got["min_distances"].shape == (4, 8) and got["activations"].shape == (4, 8, 5, 5)
     with torch.no_grad():
-        out = model.head(model.feature_map(pixels))
+        out = model.head(model.forward_features(pixels))
         phi = protopool_hf.layers.log_similarity(out.distances, model.config.similarity_epsilon)
         mixed_min = torch.einsum("np,cps->ncs", out.min_distances, out.slot_assignment).numpy()
     # Tolerance from float32 error: a distance is a sum of 2·D terms in [0, 1] (latent and prototype entries), so it

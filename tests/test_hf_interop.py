@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from protopool_hf import GumbelScheduleCallback, ProjectionCallback, ProtoPoolConfig, ProtoPoolForImageClassification
-from protopool_hf.callbacks import GumbelScheduleWarning
+from protopool_hf.gumbel import GumbelScheduleWarning
 from protopool_hf.hub import backbone_hub_id, render_model_card
 
 
@@ -256,7 +256,7 @@ def test_prototype_distances_are_float32_under_bf16_autocast():
     model = tiny_model().eval()
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        features = model.feature_map(x)  # the backbone runs in bf16, as in the forward pass
+        features = model.forward_features(x)  # the backbone runs in bf16, as in the forward pass
         distances = model.prototype_distances(x)
         forward_min = model(x).min_distances
     with torch.no_grad():

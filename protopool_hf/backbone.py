@@ -135,6 +135,7 @@ def leading_stage_parameters(model: nn.Module, num_stages: int) -> list[str]:
         >>> names = leading_stage_parameters(backbone, 1)  # the stem: stage 0 of a ResNet is its stem's activation
         >>> names[0], names[-1], len(names)
         ('conv1.0.weight', 'bn1.bias', 9)
+
         ```
     """
     stages = len(model.feature_info)

@@ -25,6 +25,7 @@ class GumbelScheduleWarning(UserWarning):
         >>> import warnings
         >>> from protopool_hf.gumbel import GumbelScheduleWarning
         >>> warnings.simplefilter("ignore", GumbelScheduleWarning)  # e.g. in a test that trains at s = 1 on purpose
+
         ```
     """
 
@@ -43,6 +44,7 @@ class GumbelScheduleMixin:
         >>> model.harden_assignment()
         >>> model.deterministic_assignment().sum(dim=1).unique()  # one-hot: each slot picks one prototype
         tensor([1.])
+
         ```
     """
 

@@ -39,6 +39,7 @@ class StrictLoadingMixin:
         Traceback (most recent call last):
         ...
         ValueError: The weights of ... do not match its config.json: tensors whose shapes differ ...
+
         ```
     """
 

@@ -51,6 +51,7 @@ class LossWeights:
         >>> terms = {"cross_entropy": torch.tensor(1.0), "separation": torch.tensor(2.0)}
         >>> weighted_total(terms, LossWeights(separation=0.5))
         tensor(0.)
+
         ```
     """
 

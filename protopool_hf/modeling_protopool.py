@@ -53,11 +53,6 @@ __all__ = [
     "ProtoPoolPreTrainedModel",
 ]
 
-# The config's preprocessing fields and their keys in timm's data config; the model records them in its config.
-_PREPROCESSING_FIELDS = {"input_size": "input_size", "image_mean": "mean", "image_std": "std"} | {
-    key: key for key in ("interpolation", "crop_pct", "crop_mode")
-}
-
 
 @dataclass
 class ProtoPoolOutput(ModelOutput):
@@ -81,6 +76,7 @@ class ProtoPoolOutput(ModelOutput):
         >>> out = ProtoPoolOutput(logits=torch.zeros(2, 3))
         >>> out.to_tuple()[0].shape, out.loss is None
         (torch.Size([2, 3]), True)
+
         ```
     """
 
@@ -118,6 +114,7 @@ class ProtoPoolHead(nn.Module):
         >>> out = head(torch.randn(2, 16, 4, 4))
         >>> out.logits.shape, out.min_distances.shape, out.similarities.shape, out.distances.shape
         (torch.Size([2, 3]), torch.Size([2, 6]), torch.Size([2, 3, 2]), torch.Size([2, 6, 4, 4]))
+
         ```
     """
 
@@ -228,6 +225,7 @@ class ProtoPoolPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
         >>> from protopool_hf.modeling_protopool import ProtoPoolPreTrainedModel
         >>> issubclass(ProtoPoolForImageClassification, ProtoPoolPreTrainedModel)
         True
+
         ```
     """
 
@@ -297,14 +295,16 @@ class ProtoPoolForImageClassification(GumbelScheduleMixin, ProtoPoolPreTrainedMo
         >>> out = model(torch.randn(2, 3, 160, 160), labels=torch.tensor([0, 2]))
         >>> out.logits.shape, out.min_distances.shape, sorted(out.loss_terms)
         (torch.Size([2, 3]), torch.Size([2, 6]), ['cluster', 'cross_entropy', 'l1', 'orthogonality', 'separation'])
+
         ```
     """
 
     def __init__(self, config: ProtoPoolConfig) -> None:
         config = copy.deepcopy(config)  # timm's resolved preprocessing fills its empty fields: never the caller's
-        data = config.data_config()
-        for field, key in _PREPROCESSING_FIELDS.items():
-            setattr(config, field, list(data[key]) if isinstance(data[key], tuple) else data[key])
+        data = config.data_config()  # input_size, mean, std, interpolation, crop_pct, crop_mode
+        data["image_mean"], data["image_std"] = data.pop("mean"), data.pop("std")
+        for field, value in data.items():
+            setattr(config, field, list(value) if isinstance(value, tuple) else value)
         super().__init__(config)
         # `from_pretrained` builds on the meta device: the checkpoint holds the weights, so never download them.
         pretrained = config.backbone_pretrained and torch.empty(0).device.type != "meta"

@@ -267,6 +267,20 @@ def test_prototype_distances_are_float32_under_bf16_autocast():
     torch.testing.assert_close(distances.flatten(2).amin(dim=2), forward_min, rtol=0, atol=16 * 4 * 2**-23 * 4)
 
 
+def test_trainer_predict_returns_the_logits_only_and_the_model_output_keeps_the_distance_maps(tmp_path: Path):
+    model = tiny_model().eval()
+    batches = _random_batches(model.config, 6)
+    trainer = Trainer(model=model, args=trainer_args(tmp_path, per_device_eval_batch_size=4))
+    result = trainer.predict(batches)
+    assert not isinstance(result.predictions, tuple)  # `keys_to_ignore_at_inference` drops the explanation fields
+    assert result.predictions.shape == (6, model.config.num_labels) and result.metrics["test_loss"] > 0
+    pixels = torch.stack([batch["pixel_values"] for batch in batches])
+    with torch.no_grad():
+        out = model(pixels)
+    assert out.distances.shape == (6, model.config.num_prototypes, 8, 8)  # the forward still returns them
+    torch.testing.assert_close(torch.from_numpy(result.predictions), out.logits, atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ item 7: timm interop
 
 

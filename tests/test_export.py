@@ -330,7 +330,7 @@ def test_numpy_preprocessing_matches_the_library(size, preprocessing):
     # The library's own eval preprocessing (timm's transform): within a grey level, where crop offsets agree.
     library = viz.preprocess(image, model.config).numpy()
     assert ours.shape == library.shape == (1, 3, 160, 160)
-    grey_level = 1 / 255 / min(config.image_std)
+    grey_level = 1 / 255 / min(model.config.image_std)
     assert np.abs(ours - library).mean() < 0.5 * grey_level
     assert view.size == (160, 160)
 

@@ -352,14 +352,14 @@ class ProtoPoolForImageClassification(GumbelScheduleMixin, ProtoPoolPreTrainedMo
     ) -> ProtoPoolOutput:
         """Classify `(N, 3, H_in, W_in)` images; with `labels` `(N,)`, also return the loss and its terms.
 
-        The loss is CE + w_clst·cluster − w_sep·separation + w_orth·orth + w_l1·L1, with the weights of the config
-        (`cluster_weight`, ...; a weight of 0 leaves its term out).
+        The loss is the one every training phase optimises: CE + w_clst·cluster − w_sep·separation + w_orth·orth +
+        w_l1·L1, with the weights of the config (`cluster_weight`, ...; a weight of 0 leaves its term out).
 
         Args:
             pixel_values: normalised images; for mixup, the mixed batch λ·x + (1 − λ)·x[perm].
             labels: class indices in `[0, C)` (of the unmixed images: cluster and separation use them).
             mixup_labels: `(N,)` the labels of the images mixed in, y[perm]; CE is then
-                λ·CE(labels) + (1 − λ)·CE(mixup_labels).
+                λ·CE(labels) + (1 − λ)·CE(mixup_labels). `ProtoPoolTrainer` passes them when it mixes.
             mixup_lambda: λ, the weight of `labels` in a mixed batch.
             **kwargs: ignored (Trainer and pipelines may pass extra keys).
 
@@ -371,9 +371,12 @@ class ProtoPoolForImageClassification(GumbelScheduleMixin, ProtoPoolPreTrainedMo
         output = self.forward_head(self.forward_features(pixel_values))
         if labels is None:
             return output
-        loss_terms = self.loss_terms(output, labels, mixup_labels, mixup_lambda)
+        # In float32 under autocast too, as the head (and as the loss a Trainer computes outside the forward).
+        with torch.autocast(device_type=output.logits.device.type, enabled=False):
+            loss_terms = self.loss_terms(output, labels, mixup_labels, mixup_lambda)
+            loss = weighted_total(loss_terms, self.loss_weights)
         return ProtoPoolOutput(
-            loss=weighted_total(loss_terms, self.loss_weights),
+            loss=loss,
             logits=output.logits,
             min_distances=output.min_distances,
             slot_assignment=output.slot_assignment,

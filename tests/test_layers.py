@@ -1,4 +1,6 @@
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -65,3 +67,13 @@ def test_assignment_modes():
 def test_slot_class_identity():
     identity = slot_class_identity(2, 3)
     assert identity.tolist() == [[1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]]
+
+
+def test_the_maths_imports_without_transformers():
+    script = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "import protopool_hf.layers, protopool_hf.losses\n"
+        "assert not any(name.startswith('transformers') for name in sys.modules if sys.modules[name] is not None)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

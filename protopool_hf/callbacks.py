@@ -25,13 +25,12 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .modeling_protopool import GumbelScheduleWarning
+from .gumbel import GumbelScheduleWarning
 
 
 __all__ = [
     "FrozenBackboneCallback",
     "GumbelScheduleCallback",
-    "GumbelScheduleWarning",
     "ProjectionCallback",
     "SetEpochCallback",
     "WarmupCallback",

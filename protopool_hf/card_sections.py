@@ -215,7 +215,7 @@ def _feature_grid(model: torch.nn.Module) -> str:
     try:
         model.eval()
         with torch.no_grad():
-            feature_map = model.feature_map(torch.zeros(1, 3, height, width, device=parameter.device))
+            feature_map = model.forward_features(torch.zeros(1, 3, height, width, device=parameter.device))
     finally:
         for module, training in modes.items():
             module.training = training

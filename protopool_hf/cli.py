@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--pretrained", action="store_true", help="start from timm's pretrained backbone weights")
     model.add_argument("--weights-file", type=Path, help="local pretrained backbone weights for timm (offline)")
     model.add_argument("--num-prototypes", type=int, help="P, the prototype pool size")
-    model.add_argument("--num-slots", type=int, help="S, slots per class")
+    model.add_argument("--num-slots", type=int, help="S, slots per class: sets num_slots_per_class")
     model.add_argument("--prototype-dim", type=int, help="D, prototype depth")
     model.add_argument("--feature-stage", type=int, help="use this backbone stage instead of the last map")
     model.add_argument("--image-size", type=int, help="square input size in pixels (default: timm's)")

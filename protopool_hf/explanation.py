@@ -315,7 +315,7 @@ def explain(
         )
     device, dtype = _model_device(model)
     with _eval_mode(model):
-        features = model.feature_map(pixel_values.to(device=device, dtype=dtype))
+        features = model.forward_features(pixel_values.to(device=device, dtype=dtype))
         head_out = model.head(features)
         distances = model.head.distances(features)[0].float().cpu()  # (P, H, W)
         assignment = head_out.slot_assignment.float().cpu()  # (C, P, S)

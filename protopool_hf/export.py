@@ -31,7 +31,7 @@ from torch import nn
 
 from .atomic import write_file
 from .layers import log_similarity
-from .modeling_protopool import image_processor_dict
+from .preprocessing import image_processor_dict
 
 
 __all__ = ["OUTPUT_NAMES", "OnnxCheck", "check_onnx", "export_onnx", "onnx_metadata"]
@@ -52,8 +52,8 @@ class _ExplainingGraph(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         head = self.model.head
-        out = head(self.model.feature_map(pixel_values))
-        activations = log_similarity(out.distances, head.epsilon)
+        out = head(self.model.forward_features(pixel_values))
+        activations = log_similarity(out.distances, head.similarity_epsilon)
         return out.logits, out.similarities, out.min_distances, activations
 
 
@@ -77,7 +77,7 @@ def onnx_metadata(model: nn.Module) -> dict[str, str]:
         "hard_assignment": bool(head.hard_assignment),
         "last_layer_weight": base64.b64encode(weight.tobytes()).decode("ascii"),
         "last_layer_shape": list(weight.shape),
-        "similarity_epsilon": float(head.epsilon),
+        "similarity_epsilon": float(head.similarity_epsilon),
         "prototype_labels": head.projection_label.cpu().tolist(),
         "config": config.to_dict(),
     }
@@ -154,7 +154,7 @@ def export_onnx(
 
 def _check_exportable(model: nn.Module, path: Path, overwrite: bool) -> None:
     """Raise one clear error before any work: wrong model, unusable path, non-float32 weights, missing onnxscript."""
-    if not (hasattr(model, "head") and hasattr(model, "config") and hasattr(model, "feature_map")):
+    if not (hasattr(model, "head") and hasattr(model, "config") and hasattr(model, "forward_features")):
         raise ValueError(
             f"export_onnx needs a ProtoPoolForImageClassification, got {type(model).__name__}: load one with "
             "AutoModelForImageClassification.from_pretrained(folder)."

@@ -25,6 +25,8 @@ CODE = {
     "losses.py",
     "backbone.py",
     "preprocessing.py",
+    "gumbel.py",
+    "loading.py",
 }
 MODEL_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", *CODE}
 PICTURES = {0, 1, 2, 3, 5}

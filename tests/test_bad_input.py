@@ -157,7 +157,7 @@ def test_a_1x1_feature_map_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"16×16 images .*Use a larger image size"):  # ViT stages share one grid
         ProtoPoolForImageClassification(ProtoPoolConfig(**{**TINY, "backbone": "test_vit"}, input_size=[3, 16, 16]))
     model = ProtoPoolForImageClassification(ProtoPoolConfig(**TINY, input_size=[3, 32, 32], feature_stage=3))
-    assert model.feature_map(torch.zeros(2, 3, 32, 32)).shape[-2:] == (2, 2)  # the suggested stage works
+    assert model.forward_features(torch.zeros(2, 3, 32, 32)).shape[-2:] == (2, 2)  # the suggested stage works
 
 
 def test_training_refuses_one_class(tmp_path):

@@ -14,13 +14,13 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from protopool_hf.callbacks import (
     FrozenBackboneCallback,
     GumbelScheduleCallback,
-    GumbelScheduleWarning,
     ProjectionCallback,
     SetEpochCallback,
     WarmupCallback,
     gumbel_scale_at,
 )
 from protopool_hf.data import collate_fn, make_transforms
+from protopool_hf.gumbel import GumbelScheduleWarning
 from protopool_hf.phases import set_trainable
 from protopool_hf.trainer import ProtoPoolTrainer
 

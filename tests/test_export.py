@@ -159,7 +159,7 @@ def test_onnx_outputs_names_shapes_and_values(explained):
     assert got["logits"].shape == (4, 4) and got["similarities"].shape == (4, 4, 2)
     assert got["min_distances"].shape == (4, 8) and got["activations"].shape == (4, 8, 5, 5)
     with torch.no_grad():
-        out = model.head(model.feature_map(pixels))
+        out = model.head(model.forward_features(pixels))
         phi = protopool_hf.layers.log_similarity(out.distances, model.config.similarity_epsilon)
         mixed_min = torch.einsum("np,cps->ncs", out.min_distances, out.slot_assignment).numpy()
     # Tolerance from float32 error: a distance is a sum of 2·D terms in [0, 1] (latent and prototype entries), so it
@@ -331,7 +331,7 @@ def test_numpy_preprocessing_matches_the_library(size, preprocessing):
     # The library's own eval preprocessing (timm's transform): within a grey level, where crop offsets agree.
     library = preprocess(image, model.config).numpy()
     assert ours.shape == library.shape == (1, 3, 160, 160)
-    grey_level = 1 / 255 / min(config.image_std)
+    grey_level = 1 / 255 / min(model.config.image_std)
     assert np.abs(ours - library).mean() < 0.5 * grey_level
     assert view.size == (160, 160)
 

@@ -24,6 +24,7 @@ Needs the `app` extra (`pip install protopool-hf[app]`); `import protopool_hf` n
 line: `protopool-hf app MODEL [--port 7860] [--host 127.0.0.1]`.
 """
 
+import math
 from typing import Any
 
 import gradio as gr
@@ -48,7 +49,7 @@ def _image_upload() -> gr.Image:
     Gradio opens the upload with PIL before our function runs, so its preprocessing is wrapped on this one instance (a
     `gr.Image` subclass would do too, but gradio writes a `.pyi` stub next to any module defining a component class).
     """
-    image = gr.Image(label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard"])
+    image = gr.Image(label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard"], elem_id="image")
     preprocess = image.preprocess
 
     def checked(payload: Any) -> Any:
@@ -116,8 +117,11 @@ def _explain_tab(explorer: Explorer) -> None:
     with gr.Row():
         with gr.Column(scale=1):
             image = _image_upload()
+            examples = None
             if explorer.examples:
-                gr.Examples([[str(p)] for p in explorer.examples], inputs=[image], label="Examples")
+                examples = gr.Examples(
+                    [[str(p)] for p in explorer.examples], inputs=[image], label="Examples", elem_id="examples"
+                )
             choices = [("the predicted class", _PREDICTED)] + [(name, c) for c, name in enumerate(explorer.labels)]
             class_choice = gr.Dropdown(choices, value=_PREDICTED, label="Explain which class (another: why not?)")
             top_k = gr.Slider(1, min(num_classes, 20), value=min(num_classes, 5), step=1, label="Classes to list")
@@ -153,8 +157,12 @@ def _explain_tab(explorer: Explorer) -> None:
         return gr.update(value=result.probabilities, num_top_classes=int(k)), text, result.picture, rows
 
     inputs, outputs = [image, class_choice, top_k], [probabilities, summary, picture, table]
-    for event in (image.change, class_choice.change, top_k.release, button.click):
+    # An upload, an example, another class or count, the button: explain (`image.change` would fire twice per upload).
+    for event in (image.upload, class_choice.change, top_k.release, button.click):
         event(page, inputs, outputs, api_visibility="private")
+    image.clear(lambda: (None, "", None, None), None, outputs, api_visibility="private")
+    if examples is not None:
+        examples.load_input_event.then(page, inputs, outputs, api_visibility="private")
 
     # The API: image -> ({label: probability}, picture), for gradio_client and scripts.
     def api(path: str | None) -> tuple[dict[str, float], Any]:
@@ -181,7 +189,8 @@ def _prototypes_tab(explorer: Explorer) -> None:
         [(str(explorer.picture(p)), f"prototype {p}") for p in shown],
         label="Prototypes",
         columns=8,
-        height="auto",
+        height=min(720, 60 + 180 * math.ceil(len(shown) / 8)),
+        object_fit="contain",
         allow_preview=False,
         visible=bool(shown),
         elem_id="prototype-gallery",
@@ -194,7 +203,13 @@ def _prototypes_tab(explorer: Explorer) -> None:
         source = gr.Image(picture, label="Source image and box", type="filepath", interactive=False, height=320)
         details = gr.Markdown(text, elem_id="prototype-details")
     nearest = gr.Gallery(
-        patches, label="Nearest training patches", columns=6, height="auto", allow_preview=False, visible=bool(patches)
+        patches,
+        label="Nearest training patches",
+        columns=6,
+        height=260,
+        object_fit="contain",
+        allow_preview=False,
+        visible=bool(patches),
     )
 
     def show(prototype_id: int) -> tuple[Any, ...]:
@@ -238,7 +253,16 @@ def _classes_tab(explorer: Explorer) -> None:
     choices = [(name, c) for c, name in enumerate(explorer.labels)]
     tiles, text = _class_detail(explorer, 0)
     chosen = gr.Dropdown(choices, value=0, label="Class", elem_id="class-choice")
-    slots = gr.Gallery(tiles, label="Slots", columns=5, height="auto", allow_preview=False, visible=bool(tiles))
+    rows = math.ceil(explorer.config.num_slots_per_class / 6)
+    slots = gr.Gallery(
+        tiles,
+        label="Slots",
+        columns=6,
+        height=60 + 200 * rows,
+        object_fit="contain",
+        allow_preview=False,
+        visible=bool(tiles),
+    )
     details = gr.Markdown(text, elem_id="class-details")
 
     def show(class_id: int) -> tuple[Any, ...]:

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,12 @@ from protopool_hf.app import build_app  # noqa: E402
 from protopool_hf.cli import main  # noqa: E402
 from protopool_hf.explain import explain  # noqa: E402
 from protopool_hf.explorer import BadImageError, Explorer, read_upload  # noqa: E402
+
+
+@dataclass
+class Served:
+    url: str
+    folder: Path
 
 
 def free_port() -> int:
@@ -42,19 +49,19 @@ def raw_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(folder):
-    """The explorer of the projected tiny model, served on 127.0.0.1; yields its URL."""
+    """The explorer of the projected tiny model, served on 127.0.0.1."""
     app = build_app(folder)
     port = free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
-        yield f"http://127.0.0.1:{port}/"
+        yield Served(f"http://127.0.0.1:{port}/", folder)
     finally:
         app.close()
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    return gradio_client.Client(served, verbose=False)
+    return gradio_client.Client(served.url, verbose=False)
 
 
 def bad_uploads(tmp_path: Path) -> dict[str, Path]:
@@ -227,3 +234,106 @@ def test_app_command_serves_the_explorer(folder):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------- a real browser
+# Headless Chromium (Debian's `chromium` and `chromium-driver`, driven by selenium) uploads an image, waits for the
+# explanation, checks the picture and the class list, visits every tab and saves screenshots: into a temporary folder,
+# or into $PROTOPOOL_APP_SCREENSHOTS (docs/images/app for the docs page).
+SCREENSHOTS_ENV = "PROTOPOOL_APP_SCREENSHOTS"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test needs selenium (dev extra)")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if chromium is None or driver_path is None:
+        pytest.skip(
+            "no Chromium: install Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
+        )
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1700"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(driver_path), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_the_page_in_a_browser(browser, served, tmp_path):
+    import os
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    shots = Path(os.environ.get(SCREENSHOTS_ENV) or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    wait = WebDriverWait(browser, 60)
+
+    def text_of(selector: str) -> str:
+        return browser.find_element(By.CSS_SELECTOR, selector).text
+
+    def upload(path: Path) -> None:
+        field = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[type=file]")))
+        field.send_keys(str(path))
+
+    def clear_image() -> None:  # a script click: the error toast may lie over the button
+        for button in browser.find_elements(
+            By.CSS_SELECTOR, "#image button[aria-label='Remove Image'], #image button[aria-label='Clear']"
+        ):
+            browser.execute_script("arguments[0].click()", button)
+
+    def open_tab(name: str) -> None:
+        tab = browser.find_element(By.XPATH, f"//button[@role='tab' and normalize-space()='{name}']")
+        tab.click()
+
+    browser.get(served.url)
+    upload(PHOTOS[0])
+    wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#explanation img"))
+    wait.until(lambda _: sum(name in text_of("#top-classes") for name in NAMES) >= 2)
+    assert "Why" in text_of("#summary") and "Logit" in text_of("#summary")
+    picture = browser.find_element(By.CSS_SELECTOR, "#explanation img")
+    assert picture.size["width"] > 100 and picture.size["height"] > 100
+    browser.save_screenshot(str(shots / "explain.png"))
+
+    open_tab("Prototypes")
+    wait.until(lambda _: "Projected onto image" in text_of("#prototype-details"))
+    thumbnails = browser.find_elements(By.CSS_SELECTOR, "#prototype-gallery img")
+    assert len(thumbnails) >= 2, "the prototype gallery shows no pictures"
+    thumbnails[1].click()  # selecting a prototype shows its details
+    explorer = Explorer.load(served.folder)
+    second = [p for p in sorted({p for row in explorer.slots for p in row}) if explorer.picture(p)][1]
+    wait.until(lambda _: f"Prototype {second}" in text_of("#prototype-details"))
+    browser.save_screenshot(str(shots / "prototypes.png"))
+
+    open_tab("Classes")
+    wait.until(lambda _: "slot" in text_of("#class-details"))
+    browser.save_screenshot(str(shots / "classes.png"))
+
+    open_tab("Report")
+    wait.until(lambda _: "deletion_gain" in text_of("#report"))
+    browser.save_screenshot(str(shots / "report.png"))
+    open_tab("Explain")
+    # A bad upload: a message in the page, and the page still explains the next image, and the examples.
+    clear_image()
+    wait.until(lambda _: text_of("#summary") == "")
+    upload(bad_uploads(tmp_path)["not an image"])
+    wait.until(lambda _: "Cannot read 'notes.png' as an image" in browser.find_element(By.TAG_NAME, "body").text)
+    browser.save_screenshot(str(tmp_path / "bad-upload.png"))
+    clear_image()
+    upload(PHOTOS[1])
+    wait.until(lambda _: "Why" in text_of("#summary"))
+    clear_image()
+    wait.until(lambda _: text_of("#summary") == "")
+    browser.find_elements(By.CSS_SELECTOR, "#examples img")[0].click()
+    wait.until(lambda _: "Why" in text_of("#summary"))
+
+    for name in ("explain", "prototypes", "classes", "report"):  # pictures, not blank pages
+        with PIL.Image.open(shots / f"{name}.png") as shot:
+            assert shot.size[0] >= 1000 and np.asarray(shot.convert("L")).std() > 5

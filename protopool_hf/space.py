@@ -39,7 +39,7 @@ import os
 from protopool_hf.app import build_app
 
 
-MODEL = os.environ.get("{env}", {repo_id!r})
+MODEL = os.environ.get("{env}", "{repo_id}")
 
 demo = build_app(MODEL)
 
@@ -91,7 +91,7 @@ def space_files(repo_id: str, protopool_version: str, gradio_version: str) -> di
         "app.py": _APP.format(repo_id=repo_id, env=MODEL_ENV),
         "requirements.txt": f"protopool-hf[app]=={protopool_version}\n",
         "README.md": _README.format(
-            title=json.dumps(f"ProtoPool {name}"[:30]),
+            title=json.dumps(name if "protopool" in name.lower() else f"ProtoPool {name}"),
             sdk_version=gradio_version,
             python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
             repo_id=repo_id,

@@ -8,7 +8,7 @@
 - `README.md`: the Space's card, whose YAML header says `sdk: gradio`, `sdk_version`, `app_file: app.py`,
   `python_version` and links the model (`models: [repo id]`).
 
-Push the folder as a Space (`hf upload --repo-type space my-org/protopool-explorer OUT_DIR .`) and it serves the
+Push the folder as a Space (`hf upload my-org/protopool-explorer OUT_DIR . --repo-type space`) and it serves the
 explorer. Writing the folder needs neither torch nor gradio.
 """
 

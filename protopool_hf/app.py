@@ -25,9 +25,11 @@ line: `protopool-hf app MODEL [--port 7860] [--host 127.0.0.1]`.
 """
 
 import math
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import PIL.Image
 
 from .explorer import BadImageError, Explorer, flatten_report, read_upload
 
@@ -200,7 +202,7 @@ def _prototypes_tab(explorer: Explorer) -> None:
     picture, text, patches = _prototype_detail(explorer, first)
     chosen = gr.Dropdown(choices, value=first, label="Prototype", elem_id="prototype-choice")
     with gr.Row():
-        source = gr.Image(picture, label="Source image and box", type="filepath", interactive=False, height=320)
+        source = gr.Image(picture, label="Source image and box", type="pil", interactive=False, height=320)
         details = gr.Markdown(text, elem_id="prototype-details")
     nearest = gr.Gallery(
         patches,
@@ -223,7 +225,9 @@ def _prototypes_tab(explorer: Explorer) -> None:
     chosen.change(show, chosen, [source, details, nearest], api_visibility="private")
 
 
-def _prototype_detail(explorer: Explorer, p: int) -> tuple[str | None, str, list[tuple[str, str]]]:
+def _prototype_detail(
+    explorer: Explorer, p: int
+) -> tuple[PIL.Image.Image | None, str, list[tuple[PIL.Image.Image, str]]]:
     """The source picture, the text (provenance, classes and slots) and the nearest patches of prototype `p`."""
     picture = explorer.picture(p, "source") or explorer.picture(p, "overlay") or explorer.picture(p)
     uses = explorer.prototype_uses(p)
@@ -233,13 +237,24 @@ def _prototype_detail(explorer: Explorer, p: int) -> tuple[str | None, str, list
         lines += [f"| {explorer.labels[c]} | {s} | {w:+.3f} |" for c, s, w in uses]
     else:
         lines.append("No class slot uses this prototype.")
-    patches = [(str(path), f"nearest {rank}") for rank, path in enumerate(explorer.nearest(p), start=1)]
+    patches = [(_read(path), f"nearest {rank}") for rank, path in enumerate(explorer.nearest(p), start=1)]
     if not patches:
         lines.append(
             "\nThe model folder has no nearest training patches of it "
             "(`protopool_hf.explorer.save_nearest_patches` writes them)."
         )
-    return (str(picture) if picture else None), "\n".join(lines), patches
+    return (_read(picture) if picture else None), "\n".join(lines), patches
+
+
+def _read(path: Path) -> PIL.Image.Image:
+    """A picture of the model folder, in memory.
+
+    Events return images, not paths: after launch, gradio serves a returned path only from the working directory, the
+    temporary directory or its static paths, and a Hub snapshot's files are symlinks into the cache's blob store,
+    which none of these covers (on a Space the cache is in the home directory).
+    """
+    with PIL.Image.open(path) as image:
+        return image.convert("RGB")
 
 
 def _no_pictures(explorer: Explorer) -> str:
@@ -272,7 +287,7 @@ def _classes_tab(explorer: Explorer) -> None:
     chosen.change(show, chosen, [slots, details], api_visibility="private")
 
 
-def _class_detail(explorer: Explorer, c: int) -> tuple[list[tuple[str, str]], str]:
+def _class_detail(explorer: Explorer, c: int) -> tuple[list[tuple[PIL.Image.Image, str]], str]:
     """A class's slot pictures (`(path, caption)`) and its table: slot, prototype, weight, other classes using it."""
     weights = explorer.model.head.last_layer.weight.detach().float().cpu()
     num_slots = explorer.config.num_slots_per_class
@@ -286,7 +301,7 @@ def _class_detail(explorer: Explorer, c: int) -> tuple[list[tuple[str, str]], st
         lines.append(f"| {s} | {p} | {weight:+.3f} | {', '.join(others) or '-'} |")
         picture = explorer.picture(p)
         if picture is not None:
-            tiles.append((str(picture), f"slot {s}: prototype {p} ({weight:+.2f})"))
+            tiles.append((_read(picture), f"slot {s}: prototype {p} ({weight:+.2f})"))
     if not tiles:
         lines.append("\n" + _no_pictures(explorer))
     return tiles, "\n".join(lines)

@@ -152,7 +152,7 @@ class Explorer:
     """A model with what its folder holds, ready to be explored.
 
     Attributes:
-        model: the model, in eval mode.
+        model: the model (one loaded here is in eval mode; `explain` runs a given one in eval mode for each call).
         folder: the local model folder (a Hub repo's download), or None for a model given as an object without one.
         name: how the app names the model (the path or repo id).
     """
@@ -168,7 +168,7 @@ class Explorer:
         if isinstance(model_or_path, torch.nn.Module):
             name = getattr(model_or_path.config, "_name_or_path", "") or ""
             folder = Path(name) if name and (Path(name) / "config.json").is_file() else None
-            return cls(model_or_path.eval(), folder, name or type(model_or_path).__name__)
+            return cls(model_or_path, folder, name or type(model_or_path).__name__)  # explain() runs it in eval mode
         source = os.fspath(model_or_path)
         check_model_source(source)
         folder = Path(source).expanduser()

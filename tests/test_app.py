@@ -160,9 +160,13 @@ def test_the_prototypes_tab_shows_source_uses_and_nearest_patches(folder):
     explorer = Explorer.load(folder)
     first = explorer.slots[0][0]  # the fixture wrote nearest patches for class 0's prototypes
     picture, text, patches = _prototype_detail(explorer, first)
-    assert picture.endswith(f"prototype_{first:03d}_source.png")
+    # Images, not paths: gradio refuses to serve a returned path outside cwd, the temp dir and its static paths, and a
+    # Hub snapshot's files are symlinks into the cache's blobs.
+    source = PIL.Image.open(folder / "prototypes" / f"prototype_{first:03d}_source.png").convert("RGB")
+    assert np.array_equal(np.asarray(picture), np.asarray(source))
     assert "Projected onto image" in text and f"| {NAMES[0]} | 0 |" in text
-    assert len(patches) == 2 and patches[0][0].endswith(f"prototype_{first:03d}_1.png")
+    nearest = PIL.Image.open(folder / "prototypes" / "nearest" / f"prototype_{first:03d}_1.png").convert("RGB")
+    assert len(patches) == 2 and np.array_equal(np.asarray(patches[0][0]), np.asarray(nearest))
     unused = next((p for p in range(8) if not explorer.prototype_uses(p)), None)
     if unused is not None:
         assert "No class slot uses this prototype." in _prototype_detail(explorer, unused)[1]
@@ -187,6 +191,16 @@ def test_the_report_tab_shows_the_report_and_metrics_or_says_how_to_compute_them
     assert "| test_accuracy | 0.75 |" in text  # the Trainer's all_results.json
     assert json.loads((folder / "interpretability.json").read_text()) == REPORT
     assert "protopool-hf evaluate" in report_text(raw_folder)
+
+
+def test_a_model_object_finds_the_folder_it_was_loaded_from(folder):
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(folder).train()
+    explorer = Explorer.load(model)
+    assert explorer.folder == folder and explorer.picture(explorer.slots[0][0]) is not None
+    explorer.explain(read_upload(PHOTOS[0]))
+    assert model.training  # the user's model is left in its own mode
 
 
 def test_a_hub_repo_id_is_downloaded_with_its_pictures(hub_server, folder):

@@ -224,6 +224,14 @@ def test_app_command_refuses_a_file_as_model(tmp_path, capsys):
     assert err.count("\n") == 1 and "is a file, not a model folder" in err
 
 
+def test_app_command_without_gradio_says_which_extra_to_install(raw_folder, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if gradio were not installed
+    monkeypatch.delitem(sys.modules, "protopool_hf.app")
+    assert main(["app", str(raw_folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs gradio: pip install 'protopool-hf[app]'" in err
+
+
 @pytest.mark.slow
 def test_app_command_serves_the_explorer(folder):
     port = free_port()

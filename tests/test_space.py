@@ -84,3 +84,39 @@ def test_the_space_app_runs_the_explorer_on_a_local_folder(tmp_path, model_folde
         assert set(probabilities) == set(NAMES)
     finally:
         demo.close()
+
+
+@pytest.mark.slow
+def test_python_app_py_serves_the_explorer(tmp_path, model_folder):
+    """What the Space runs: `python app.py`, on the port gradio reads from the environment (as Spaces set it)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    client_module = pytest.importorskip("gradio_client", reason="calling the Space's app needs gradio_client")
+    out = write_space(model_folder, tmp_path / "space", repo_id=REPO)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, MODEL_ENV: str(model_folder), "GRADIO_SERVER_PORT": str(port)}
+    env |= {"GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    process = subprocess.Popen(
+        [sys.executable, "app.py"], cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client = client_module.Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:
+                assert process.poll() is None, process.stdout.read()
+                assert time.monotonic() < deadline, "app.py did not serve within 120 s"
+                time.sleep(1)
+        probabilities, _ = client.predict(client_module.handle_file(str(PHOTOS[0])), api_name="/explain")
+        assert set(probabilities) == set(NAMES)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

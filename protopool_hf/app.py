@@ -38,6 +38,7 @@ __all__ = ["build_app", "launch"]
 
 _PREDICTED = -1  # the class dropdown's "predicted class" choice
 _TABLE_ROWS = 20
+_API_TOP_K = 5  # classes listed in the picture of /explain (its probabilities cover every class)
 _NOT_PROJECTED = (
     "**This model was never projected**: its prototypes are learned vectors, not patches of training images, so the "
     "pictures show a note where a prototype's source patch would be. Run `protopool-hf project` on the training "
@@ -169,7 +170,7 @@ def _explain_tab(explorer: Explorer) -> None:
     # The API: image -> ({label: probability}, picture), for gradio_client and scripts.
     def api(path: str | None) -> tuple[dict[str, float], Any]:
         try:
-            result = explorer.explain(read_upload(path), None, num_classes)
+            result = explorer.explain(read_upload(path), None, _API_TOP_K)  # the picture lists 5; the dict all
         except BadImageError as error:
             raise gr.Error(str(error), title="Cannot explain this image") from error
         return result.probabilities, result.picture

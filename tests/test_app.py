@@ -90,7 +90,7 @@ def test_explain_endpoint_returns_the_probabilities_and_the_picture(client, fold
     assert list(probabilities) == sorted(probabilities, key=probabilities.get, reverse=True)
     assert set(probabilities) == set(NAMES)
     explorer = Explorer.load(folder)
-    expected = explain(explorer.model, read_upload(PHOTOS[0]), top_k=len(NAMES))
+    expected = explain(explorer.model, read_upload(PHOTOS[0]), top_k=5)
     for c, name in enumerate(NAMES):  # the same code path on the same image: float32 softmax, rounded alike
         assert probabilities[name] == pytest.approx(float(expected.probabilities[c]), abs=1e-6)
     with PIL.Image.open(picture_path) as picture:
@@ -107,6 +107,27 @@ def test_the_api_lists_one_explain_endpoint_taking_an_image(client):
     import protopool_hf.app
 
     assert not Path(protopool_hf.app.__file__).with_suffix(".pyi").exists()  # gradio writes one for component classes
+
+
+def test_the_api_picture_lists_five_classes_and_the_probabilities_all(tmp_path):
+    from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
+
+    config = ProtoPoolConfig(backbone="test_resnet", num_labels=12, num_prototypes=14, num_slots_per_class=1)
+    config.input_size = [3, 64, 64]
+    ProtoPoolForImageClassification(config).save_pretrained(tmp_path / "many")
+    app = build_app(tmp_path / "many")
+    port = free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        probabilities, picture_path = client.predict(gradio_client.handle_file(str(PHOTOS[0])), api_name="/explain")
+    finally:
+        app.close()
+    assert len(probabilities) == 12
+    model = Explorer.load(tmp_path / "many").model
+    five = explain(model, read_upload(PHOTOS[0]), top_k=5).render()
+    with PIL.Image.open(picture_path) as picture:
+        assert picture.size == five.size  # the header lists 5 classes, not 12
 
 
 @pytest.mark.parametrize("kind", ["not an image", "truncated", "1x1"])

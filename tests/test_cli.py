@@ -97,6 +97,20 @@ def test_the_lazy_export_table_matches_the_type_checking_imports_and_resolves():
         assert getattr(protopool_hf, name) is not None
 
 
+def test_the_package_exports_what_a_user_needs_and_the_rest_lives_in_its_module():
+    assert set(protopool_hf.__all__) == {
+        *("ProtoPoolConfig", "ProtoPoolForImageClassification", "ProtoPoolOutput", "__version__"),
+        *("ProtoPoolTrainer", "GumbelScheduleCallback", "WarmupCallback", "ProjectionCallback"),
+        *("ProtoPoolRecipe", "train_protopool", "project_prototypes", "explain", "evaluate_interpretability"),
+        *("push_to_hub", "convert_original_checkpoint", "export_onnx"),
+    }
+    with pytest.raises(AttributeError, match="has no attribute 'save_model_folder'"):
+        _ = protopool_hf.save_model_folder
+    from protopool_hf.hub import save_model_folder
+
+    assert callable(save_model_folder)
+
+
 @pytest.mark.parametrize("command", [None, "train", "project", "explain", "evaluate", "push", "convert"])
 def test_help_imports_no_torch(command):
     argv = ["--help"] if command is None else [command, "--help"]

@@ -25,6 +25,24 @@ class DeletionCurve:
     Attributes:
         slots: `(T + 1,)` probability of the predicted class after removing the first t slot boxes.
         random: `(T + 1,)` the same for random boxes of the same sizes, averaged over the draws.
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
+        >>> from protopool_hf.deletion import curve_area, deletion_curves
+        >>> config = ProtoPoolConfig(
+        ...     backbone="test_resnet", num_labels=2, num_prototypes=4, num_slots_per_class=1, input_size=[3, 64, 64]
+        ... )
+        >>> model = ProtoPoolForImageClassification(config).eval()
+        >>> boxes = [(0, 16, 0, 16), (16, 40, 8, 32)]  # (top, bottom, left, right), in order of contribution
+        >>> curve = deletion_curves(model, torch.randn(3, 64, 64), boxes, class_id=0)
+        >>> curve.slots.shape, curve.random.shape, bool(curve.slots[0] == curve.random[0])  # step 0: intact image
+        ((3,), (3,), True)
+        >>> 0.0 <= curve_area(curve.slots) <= 1.0
+        True
+
+        ```
     """
 
     slots: np.ndarray

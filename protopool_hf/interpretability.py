@@ -209,6 +209,26 @@ def evaluate_interpretability(
 
     Raises:
         ValueError: bad arguments or annotations (the message names the argument, row and value).
+
+    Example:
+        ```python
+        >>> import datasets, numpy as np, PIL.Image
+        >>> from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification, evaluate_interpretability
+        >>> config = ProtoPoolConfig(
+        ...     backbone="test_resnet", num_labels=2, num_prototypes=4, num_slots_per_class=2, input_size=[3, 64, 64]
+        ... )
+        >>> model = ProtoPoolForImageClassification(config).eval()
+        >>> rng = np.random.default_rng(0)
+        >>> images = [PIL.Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)) for _ in range(4)]
+        >>> ds = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 0, 1]})
+        >>> masks = [np.ones((80, 80), dtype=bool)] * 4  # the object fills every image
+        >>> report = evaluate_interpretability(model, ds, masks=masks, localisation="upsampled")
+        >>> report.num_images, report.localisations["upsampled"].test_top_slots.mean_object_share
+        (4, 1.0)
+        >>> sorted(report.to_dict()["localisations"]["upsampled"])[:3]  # JSON-safe, as `interpretability.json`
+        ['background_prototypes', 'consistency', 'deletion_auc']
+
+        ```
     """
     methods = check_localisations(localisation)
     if len(dataset) == 0:

@@ -149,9 +149,9 @@ def test_train_then_explain_on_fashion_mnist(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--dataset", "fashion-mnist", "--data-root", str(FASHION_MNIST), "--limit", "160"]
     args += ["--backbone", "test_resnet", "--feature-stage", "1", "--image-size", "32", "--num-prototypes", "20"]
-    args += ["--num-slots", "2", "--prototype-dim", "16", "--warmup-epochs", "1", "--joint-epochs", "1"]
+    args += ["--num-slots-per-class", "2", "--prototype-dim", "16", "--warmup-epochs", "1", "--joint-epochs", "1"]
     args += ["--finetune-epochs", "1", "--batch-size", "32", "--cpu", "--output-dir", str(out)]
-    args += ["--cluster-weight", "0.2", "--separation-weight", "0.02", "--last-layer-connection", "10"]
+    args += ["--cluster-weight", "0.2", "--separation-weight", "0.02", "--last-layer-correct-connection", "10"]
     args += ["--finetune-lr", "0.01", "--backbone-lr", "0.002", "--frozen-backbone-stages", "1"]
     args += ["--dataset-name", "zalando-datasets/fashion_mnist"]
     out.mkdir()  # an older model in the folder: refused, then replaced with --overwrite
@@ -298,7 +298,7 @@ def test_a_previous_run_names_resume_from_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     (out / "warmup" / "checkpoint-1").mkdir(parents=True)
     argv = ["train", "--dataset", "fashion-mnist", "--data-root", str(FASHION_MNIST), "--limit", "100"]
-    argv += ["--backbone", "test_resnet", "--image-size", "64", "--num-prototypes", "20", "--num-slots", "2"]
+    argv += ["--backbone", "test_resnet", "--image-size", "64", "--num-prototypes", "20", "--num-slots-per-class", "2"]
     argv += ["--prototype-dim", "8", "--cpu", "--output-dir", str(out)]
     assert main(argv) == 2
     err = _one_line_error(capsys, containing="pass --resume-from-checkpoint to continue it")

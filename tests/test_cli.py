@@ -1,6 +1,7 @@
 import ast
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -137,6 +138,21 @@ def test_help_lists_every_command():
     help_text = parser.format_help()
     for command in ("train", "project", "explain", "evaluate", "push", "convert"):
         assert command in help_text
+
+
+def test_train_size_and_loss_flags_are_named_after_the_config_fields(capsys):
+    from protopool_hf import ProtoPoolConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    flags = set(re.findall(r"--[a-z][a-z-]+", capsys.readouterr().out))
+    config = ProtoPoolConfig(**TINY)
+    for field in (
+        "num_prototypes", "num_slots_per_class", "prototype_dim", "feature_stage", "cluster_weight",
+        "separation_weight", "last_layer_correct_connection",
+    ):  # fmt: skip
+        assert hasattr(config, field) and "--" + field.replace("_", "-") in flags, field
+    assert "--num-slots" not in flags and "--last-layer-connection" not in flags
 
 
 def test_errors_are_one_line_with_status_2(tmp_path, model_folder, capsys):

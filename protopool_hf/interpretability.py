@@ -19,7 +19,7 @@ import PIL.Image
 import torch
 
 from .data import decode_image, to_rgb
-from .deletion import curve_area, deletion_curves
+from .deletion import curve_area, deletion_curves, mean_curve
 from .localisation import LOCALISATIONS, SmoothGrad, check_localisations, localisation_maps, prototype_distance_maps
 from .maps import high_activation_box
 from .metrics import (
@@ -362,8 +362,8 @@ def evaluate_interpretability(
             if masks is not None:
                 result.test_top_slots = BoxStats.of(shares[method])
             if curves[method]:
-                slot_curve = np.mean([curve.slots for curve in curves[method]], axis=0)
-                random_curve = np.mean([curve.random for curve in curves[method]], axis=0)
+                slot_curve = mean_curve([curve.slots for curve in curves[method]])
+                random_curve = mean_curve([curve.random for curve in curves[method]])
                 result.deletion_curve, result.random_deletion_curve = slot_curve.tolist(), random_curve.tolist()
                 result.deletion_auc, result.random_deletion_auc = curve_area(slot_curve), curve_area(random_curve)
                 result.deletion_gain = result.random_deletion_auc - result.deletion_auc

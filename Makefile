@@ -1,6 +1,6 @@
 # protopool-hf: two commands do all the set-up on a fresh machine.
 #   make test       installs (.venv, the package with its dev, docs, viz, onnx and app extras), then lint, format check, the tests
-#                   without those marked slow, docs build
+#                   without those marked slow and the docstring examples (doctests), docs build
 #   make test-all   the same with the slow tests too (several processes, short training runs): what CI runs (.ci/run)
 #   make demo       installs, then trains ProtoPool on real Fashion-MNIST and writes demo-output/
 PYTHON ?= python3
@@ -52,7 +52,8 @@ format: install
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
-# Tests marked slow are opt-in (tests/conftest.py: --run-slow or RUN_SLOW=1); test-all opts in.
+# Tests marked slow are opt-in (tests/conftest.py: --run-slow or RUN_SLOW=1); test-all opts in. pytest also runs
+# every docstring example of protopool_hf (pyproject.toml: testpaths, --doctest-modules; conftest.py).
 test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site

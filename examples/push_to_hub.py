@@ -2,8 +2,8 @@
 
     python examples/push_to_hub.py demo-output/model my-org/protopool-fashion-mnist [--private]
 
-The folder written by the training recipe (or `protopool_hf.save_model_folder`) already holds the prototype pictures
-and the model card, so no dataset is needed. The pushed repo loads with
+The folder written by the training recipe (or `protopool_hf.hub.save_model_folder`) already holds the prototype
+pictures and the model card, so no dataset is needed. The pushed repo loads with
 `AutoModelForImageClassification.from_pretrained(repo_id, trust_remote_code=True)` and with
 `pipeline("image-classification", model=repo_id, trust_remote_code=True)`. Log in first (`hf auth login`).
 """

@@ -19,43 +19,33 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .callbacks import GumbelScheduleCallback, ProjectionCallback, WarmupCallback
-    from .card import render_model_card
-    from .configuration_protopool import PRESETS, ProtoPoolConfig, __version__
+    from .configuration_protopool import ProtoPoolConfig, __version__
     from .convert import convert_original_checkpoint
-    from .explanation import Explanation, explain
+    from .explanation import explain
     from .export import export_onnx
-    from .hub import push_to_hub, save_model_folder
+    from .hub import push_to_hub
     from .interpretability import evaluate_interpretability
-    from .metrics import InterpretabilityReport
-    from .modeling_protopool import ProtoPoolForImageClassification, ProtoPoolOutput, ProtoPoolPreTrainedModel
-    from .phases import protopool_param_groups
-    from .projection import ProjectionResult, project_prototypes
+    from .modeling_protopool import ProtoPoolForImageClassification, ProtoPoolOutput
+    from .projection import project_prototypes
     from .recipe import ProtoPoolRecipe
     from .trainer import ProtoPoolTrainer
     from .training import train_protopool
 
-# Public name -> the module that defines it, imported on first access.
+# Public name -> the module that defines it, imported on first access. What a user needs to build, train, explain,
+# evaluate, share and export a model; everything else is imported from its module (docs/api.md lists them).
 _EXPORTS = {
     "GumbelScheduleCallback": "callbacks",
     "ProjectionCallback": "callbacks",
     "WarmupCallback": "callbacks",
-    "render_model_card": "card",
-    "PRESETS": "configuration_protopool",
     "ProtoPoolConfig": "configuration_protopool",
     "__version__": "configuration_protopool",
     "convert_original_checkpoint": "convert",
-    "Explanation": "explanation",
     "explain": "explanation",
     "export_onnx": "export",
     "push_to_hub": "hub",
-    "save_model_folder": "hub",
     "evaluate_interpretability": "interpretability",
-    "InterpretabilityReport": "metrics",
     "ProtoPoolForImageClassification": "modeling_protopool",
     "ProtoPoolOutput": "modeling_protopool",
-    "ProtoPoolPreTrainedModel": "modeling_protopool",
-    "protopool_param_groups": "phases",
-    "ProjectionResult": "projection",
     "project_prototypes": "projection",
     "ProtoPoolRecipe": "recipe",
     "ProtoPoolTrainer": "trainer",

@@ -87,14 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--pretrained", action="store_true", help="start from timm's pretrained backbone weights")
     model.add_argument("--weights-file", type=Path, help="local pretrained backbone weights for timm (offline)")
     model.add_argument("--num-prototypes", type=int, help="P, the prototype pool size")
-    model.add_argument("--num-slots", type=int, help="S, slots per class: sets num_slots_per_class")
+    model.add_argument("--num-slots-per-class", type=int, help="S, slots per class")
     model.add_argument("--prototype-dim", type=int, help="D, prototype depth")
     model.add_argument("--feature-stage", type=int, help="use this backbone stage instead of the last map")
     model.add_argument("--image-size", type=int, help="square input size in pixels (default: timm's)")
     model.add_argument("--cluster-weight", type=float, help="weight of the cluster term (official 0.8)")
     model.add_argument("--separation-weight", type=float, help="weight of the separation term (official 0.08)")
     model.add_argument(
-        "--last-layer-connection", type=float, help="initial last-layer weight of a slot to its class (official 1)"
+        "--last-layer-correct-connection",
+        type=float,
+        help="initial last-layer weight of a slot to its class (official 1)",
     )
     recipe = train.add_argument_group("recipe (defaults: the official code's)")
     recipe.add_argument("--warmup-epochs", type=non_negative_int, default=9, help="epochs of the warm-up phase")
@@ -303,12 +305,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     for field, value in (
         ("backbone", args.backbone),
         ("num_prototypes", args.num_prototypes),
-        ("num_slots_per_class", args.num_slots),
+        ("num_slots_per_class", args.num_slots_per_class),
         ("prototype_dim", args.prototype_dim),
         ("feature_stage", args.feature_stage),
         ("cluster_weight", args.cluster_weight),
         ("separation_weight", args.separation_weight),
-        ("last_layer_correct_connection", args.last_layer_connection),
+        ("last_layer_correct_connection", args.last_layer_correct_connection),
     ):
         if value is not None:
             overrides[field] = value

@@ -23,7 +23,9 @@ __all__ = ["PRESETS", "ProtoPoolConfig"]
 
 __version__ = "0.1.0"
 
-# Named recipes from the paper and the official README (DESIGN.md §2), kept as data.
+# Named recipes, kept as data: the official README's training commands (gmum/ProtoPool @ 2bd4288, README.md:
+# --num_descriptive 10, --num_prototypes 202 / 195, --proto_depth 256 / 128, ResNet-50 from iNaturalist for CUB)
+# as in the paper's results (Rymarczyk et al., ECCV 2022: 202 prototypes on CUB-200-2011, 195 on Stanford Cars).
 PRESETS: dict[str, dict[str, Any]] = {
     "cub200": {
         "backbone": "resnet50",
@@ -111,6 +113,7 @@ class ProtoPoolConfig(PretrainedConfig):
         (6, (3, 160, 160))
         >>> ProtoPoolConfig.from_preset("cub200").num_prototypes
         202
+
         ```
     """
 

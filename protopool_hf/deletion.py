@@ -5,7 +5,9 @@ removes (fills with 0 in normalised space, i.e. the dataset's mean colour, as ST
 of the first t boxes; the curve is the probability of c after each step, step 0 being the intact image. The baseline
 removes, at each step, a box of the same height and width at a uniformly random place instead (cumulatively too),
 averaged over `repeats` draws. The area under a curve is the trapezoid over steps scaled to [0, 1]: a faithful
-localisation gives a lower area than the random boxes (a larger `gain` = random area − slot area).
+localisation gives a lower area than the random boxes (a larger `gain` = random area − slot area). Images whose class
+has fewer distinct top prototypes have fewer boxes: averaged with the others (`mean_curve`), each such curve holds its
+last value, since the union of all its boxes stays removed.
 """
 
 from collections.abc import Sequence
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 
 
-__all__ = ["DeletionCurve", "curve_area", "delete_boxes", "deletion_curves", "random_boxes_like"]
+__all__ = ["DeletionCurve", "curve_area", "delete_boxes", "deletion_curves", "mean_curve", "random_boxes_like"]
 
 
 @dataclass
@@ -25,6 +27,24 @@ class DeletionCurve:
     Attributes:
         slots: `(T + 1,)` probability of the predicted class after removing the first t slot boxes.
         random: `(T + 1,)` the same for random boxes of the same sizes, averaged over the draws.
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
+        >>> from protopool_hf.deletion import curve_area, deletion_curves
+        >>> config = ProtoPoolConfig(
+        ...     backbone="test_resnet", num_labels=2, num_prototypes=4, num_slots_per_class=1, input_size=[3, 64, 64]
+        ... )
+        >>> model = ProtoPoolForImageClassification(config).eval()
+        >>> boxes = [(0, 16, 0, 16), (16, 40, 8, 32)]  # (top, bottom, left, right), in order of contribution
+        >>> curve = deletion_curves(model, torch.randn(3, 64, 64), boxes, class_id=0)
+        >>> curve.slots.shape, curve.random.shape, bool(curve.slots[0] == curve.random[0])  # step 0: intact image
+        ((3,), (3,), True)
+        >>> 0.0 <= curve_area(curve.slots) <= 1.0
+        True
+
+        ```
     """
 
     slots: np.ndarray
@@ -37,6 +57,16 @@ def curve_area(curve: Sequence[float] | np.ndarray) -> float:
     if len(values) < 2:
         return float(values[0]) if len(values) else float("nan")
     return float(((values[:-1] + values[1:]) / 2).mean())
+
+
+def mean_curve(curves: Sequence[np.ndarray]) -> np.ndarray:
+    """The step-wise mean of curves of different lengths, each held at its last value after its last step.
+
+    Step t removes the union of an image's first t boxes, so for an image with T < t boxes it is the union of all T:
+    its curve stays at its value after step T.
+    """
+    length = max(len(curve) for curve in curves)
+    return np.mean([np.pad(curve, (0, length - len(curve)), mode="edge") for curve in curves], axis=0)
 
 
 def delete_boxes(pixel_values: torch.Tensor, boxes: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -112,11 +112,19 @@ def export_onnx(
 
     Example:
         ```python
-        >>> import protopool_hf, tempfile, os
-        >>> config = protopool_hf.ProtoPoolConfig(backbone="test_resnet", num_labels=2, num_prototypes=4,
-        ...                                       num_slots_per_class=1, input_size=[3, 64, 64])
-        >>> model = protopool_hf.ProtoPoolForImageClassification(config)
-        >>> path = protopool_hf.export_onnx(model, os.path.join(tempfile.mkdtemp(), "model.onnx"))  # doctest: +SKIP
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification, export_onnx
+        >>> from protopool_hf.export import check_onnx
+        >>> config = ProtoPoolConfig(
+        ...     backbone="test_resnet", num_labels=2, num_prototypes=4, num_slots_per_class=1, input_size=[3, 64, 64]
+        ... )
+        >>> model = ProtoPoolForImageClassification(config)
+        >>> path = export_onnx(model, Path(tempfile.mkdtemp()) / "model.onnx")
+        >>> check = check_onnx(model, path)  # onnxruntime against PyTorch, on two random images
+        >>> check.batch_size, sorted(check.max_abs_diff), check.within(1e-4)
+        (2, ['activations', 'logits', 'min_distances', 'similarities'], True)
+
         ```
     """
     path = Path(path)
@@ -186,6 +194,16 @@ class OnnxCheck:
     Attributes:
         max_abs_diff: `{output name: max |onnx − torch|}` for each of the four outputs.
         batch_size: images compared.
+
+    Example:
+        ```python
+        >>> from protopool_hf.export import OnnxCheck
+        >>> diffs = {"logits": 2e-6, "similarities": 1e-6, "min_distances": 3e-5, "activations": 4e-4}
+        >>> check = OnnxCheck(max_abs_diff=diffs, batch_size=2)
+        >>> check.within(1e-4), check.within(1e-4, names=("logits", "activations"))
+        (True, False)
+
+        ```
     """
 
     max_abs_diff: dict[str, float]

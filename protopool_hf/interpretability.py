@@ -19,7 +19,7 @@ import PIL.Image
 import torch
 
 from .data import decode_image, to_rgb
-from .deletion import curve_area, deletion_curves
+from .deletion import curve_area, deletion_curves, mean_curve
 from .localisation import LOCALISATIONS, SmoothGrad, check_localisations, localisation_maps, prototype_distance_maps
 from .maps import high_activation_box
 from .metrics import (
@@ -209,6 +209,26 @@ def evaluate_interpretability(
 
     Raises:
         ValueError: bad arguments or annotations (the message names the argument, row and value).
+
+    Example:
+        ```python
+        >>> import datasets, numpy as np, PIL.Image
+        >>> from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification, evaluate_interpretability
+        >>> config = ProtoPoolConfig(
+        ...     backbone="test_resnet", num_labels=2, num_prototypes=4, num_slots_per_class=2, input_size=[3, 64, 64]
+        ... )
+        >>> model = ProtoPoolForImageClassification(config).eval()
+        >>> rng = np.random.default_rng(0)
+        >>> images = [PIL.Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)) for _ in range(4)]
+        >>> ds = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 0, 1]})
+        >>> masks = [np.ones((80, 80), dtype=bool)] * 4  # the object fills every image
+        >>> report = evaluate_interpretability(model, ds, masks=masks, localisation="upsampled")
+        >>> report.num_images, report.localisations["upsampled"].test_top_slots.mean_object_share
+        (4, 1.0)
+        >>> sorted(report.to_dict()["localisations"]["upsampled"])[:3]  # JSON-safe, as `interpretability.json`
+        ['background_prototypes', 'consistency', 'deletion_auc']
+
+        ```
     """
     methods = check_localisations(localisation)
     if len(dataset) == 0:
@@ -342,8 +362,8 @@ def evaluate_interpretability(
             if masks is not None:
                 result.test_top_slots = BoxStats.of(shares[method])
             if curves[method]:
-                slot_curve = np.mean([curve.slots for curve in curves[method]], axis=0)
-                random_curve = np.mean([curve.random for curve in curves[method]], axis=0)
+                slot_curve = mean_curve([curve.slots for curve in curves[method]])
+                random_curve = mean_curve([curve.random for curve in curves[method]])
                 result.deletion_curve, result.random_deletion_curve = slot_curve.tolist(), random_curve.tolist()
                 result.deletion_auc, result.random_deletion_auc = curve_area(slot_curve), curve_area(random_curve)
                 result.deletion_gain = result.random_deletion_auc - result.deletion_auc

@@ -47,6 +47,22 @@ class SmoothGrad:
         samples: noisy copies averaged per image.
         noise: std of the Gaussian noise, as a fraction of the image's value range (max − min).
         seed: seed of the noise (a local generator: the global RNG is not touched).
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
+        >>> from protopool_hf.localisation import SmoothGrad, localisation_maps, map_boxes
+        >>> config = ProtoPoolConfig(
+        ...     backbone="test_resnet", num_labels=2, num_prototypes=4, num_slots_per_class=1, input_size=[3, 64, 64]
+        ... )
+        >>> model = ProtoPoolForImageClassification(config).eval()
+        >>> images = torch.randn(2, 3, 64, 64)
+        >>> maps = localisation_maps(model, images, [[0, 3], [1, 2]], "gradient", SmoothGrad(samples=2))
+        >>> maps.shape, map_boxes(maps).shape  # (N, K, H_in, W_in) maps, one box per map
+        ((2, 2, 64, 64), (2, 2, 4))
+
+        ```
     """
 
     samples: int = 8

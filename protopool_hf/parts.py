@@ -9,8 +9,8 @@ Keypoints are `PartAnnotations`: for every dataset row, the `(x, y)` pixel posit
 `PartAnnotations.from_rows` takes a generic per-image list, for any other dataset.
 
 The scores below take per-image part *hits* (a part is hit when its keypoint lies in a region the prototype points
-at) and are pure numpy, so each definition is one short function (`metrics.evaluate_interpretability` computes the
-hits):
+at) and are pure numpy, so each definition is one short function (`interpretability.evaluate_interpretability`
+computes the hits):
 
 - **consistency**: for each unit (a class and one of its prototypes), the share of the class's images, among those
   where the part is visible, whose region holds the part, per part; the unit is consistent when some part reaches
@@ -65,6 +65,17 @@ class PartAnnotations:
         keypoints: one `(K, 2)` float array per row: `(x, y)` in pixels of the decoded image (pixel `i` covers
             `[i, i + 1)`), NaN for a part that is not visible.
         source: where the annotations come from, for error messages.
+
+    Example:
+        ```python
+        >>> from protopool_hf.parts import PartAnnotations
+        >>> parts = PartAnnotations.from_rows([{"left eye": (3, 4), "beak": (5.5, 2)}, None, {"right eye": (1, 1)}])
+        >>> len(parts), parts.names, parts.keypoints[1].shape
+        (3, ['beak', 'left eye', 'right eye'], (3, 2))
+        >>> parts.merged_groups()  # PIP-Net scores "eye" once, whichever side is visible
+        {'beak': [0], 'eye': [1, 2]}
+
+        ```
     """
 
     names: list[str]
@@ -317,7 +328,26 @@ def stability_score(clean: Sequence[np.ndarray], noisy: Sequence[np.ndarray]) ->
 
 @dataclass
 class PurityScores:
-    """Purity of each prototype (its best part's mean presence) and their summary."""
+    """Purity of each prototype (its best part's mean presence) and their summary.
+
+    Attributes:
+        per_prototype: each prototype's purity, in [0, 1].
+        mean: their mean (None without prototypes).
+        std: their standard deviation (None without prototypes).
+        part_related_share: the share of prototypes whose purity is above `related` (None without prototypes).
+
+    Example:
+        ```python
+        >>> import numpy as np
+        >>> from protopool_hf.parts import purity_scores
+        >>> hits = [np.array([[True, False], [True, False]]), np.array([[False, True], [False, False]])]
+        >>> visible = [np.ones((2, 2), dtype=bool), np.ones((2, 2), dtype=bool)]  # 2 prototypes, 2 images, 2 parts
+        >>> scores = purity_scores(hits, visible)
+        >>> scores.per_prototype, scores.mean, scores.part_related_share
+        ([1.0, 0.5], 0.75, 0.5)
+
+        ```
+    """
 
     per_prototype: list[float]
     mean: float | None

@@ -131,7 +131,7 @@ def protopool_param_groups(
         >>> config = ProtoPoolConfig(backbone="test_resnet", num_labels=2, num_prototypes=4, num_slots_per_class=2)
         >>> model = ProtoPoolForImageClassification(config)
         >>> groups = protopool_param_groups(model, 1e-3, "joint")
-        >>> [(g["name"], g["lr"], g["weight_decay"]) for g in groups]  # doctest: +NORMALIZE_WHITESPACE
+        >>> [(g["name"], g["lr"], g["weight_decay"]) for g in groups]
         [('backbone', 0.0001, 0.001), ('add_on', 0.003, 0.001), ('prototypes', 0.003, 0.0),
          ('slot_logits', 0.003, 0.0)]
         >>> optimizer = torch.optim.Adam(groups)

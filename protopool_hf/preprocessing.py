@@ -166,6 +166,17 @@ class Geometry:
         image_size: `(H_0, W_0)` of the original image.
         resized_size: `(H_r, W_r)` after the resize.
         crop_box: `(top, left, H_in, W_in)` of the crop, in resized pixels.
+
+    Example:
+        ```python
+        >>> from protopool_hf.preprocessing import Geometry
+        >>> geometry = Geometry(image_size=(300, 400), resized_size=(150, 200), crop_box=(11, 36, 128, 128))
+        >>> geometry.scale, geometry.to_original(0, 0), geometry.to_input(22, 72)
+        ((2.0, 2.0), (22.0, 72.0), (0.0, 0.0))
+        >>> geometry.box_to_original((0, 0, 128, 128))  # the crop, in the original image's pixels
+        (22.0, 72.0, 278.0, 328.0)
+
+        ```
     """
 
     image_size: tuple[int, int]

@@ -90,6 +90,7 @@ class ProtoPoolTrainer(Trainer):
 
     Example:
         ```python
+        >>> import tempfile
         >>> import torch
         >>> from transformers import TrainingArguments
         >>> from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
@@ -98,8 +99,8 @@ class ProtoPoolTrainer(Trainer):
         >>> config = ProtoPoolConfig(backbone="test_resnet", num_labels=2, num_prototypes=4, num_slots_per_class=2)
         >>> model = ProtoPoolForImageClassification(config)
         >>> args = TrainingArguments(
-        ...     "out", use_cpu=True, report_to="none", remove_unused_columns=False, label_names=["labels"],
-        ...     weight_decay=1e-3, lr_scheduler_type="constant", max_grad_norm=0.0,
+        ...     tempfile.mkdtemp(), use_cpu=True, report_to="none", remove_unused_columns=False,
+        ...     label_names=["labels"], weight_decay=1e-3, lr_scheduler_type="constant", max_grad_norm=0.0,
         ... )  # fmt: skip
         >>> trainer = ProtoPoolTrainer(
         ...     model=model, args=args, callbacks=[GumbelScheduleCallback()], phase="joint", mixup_alpha=0.5,
@@ -111,9 +112,10 @@ class ProtoPoolTrainer(Trainer):
         >>> model.set_gumbel_scale(100.0)  # in training, the GumbelScheduleCallback sets it
         >>> trainer.compute_loss(model.train(), batch).shape  # a mixed batch: model(..., mixup_labels=...).loss
         torch.Size([])
-        >>> trainer.train()  # with train_dataset=..., data_collator=protopool_hf.data.collate_fn  # doctest: +SKIP
 
         ```
+
+        `trainer.train()` then trains it, given `train_dataset=...` and `data_collator=protopool_hf.data.collate_fn`.
     """
 
     def __init__(

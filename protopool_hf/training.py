@@ -172,9 +172,21 @@ def train_protopool(
 
     Example:
         ```python
-        >>> recipe = ProtoPoolRecipe(output_dir="runs/fmnist", warmup_epochs=2, joint_epochs=4, finetune_epochs=2)
-        >>> result = train_protopool(model, train_ds, val_ds, push_ds, recipe)  # doctest: +SKIP
-        >>> result.model.is_assignment_hard  # doctest: +SKIP
+        >>> import tempfile
+        >>> import torch
+        >>> from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification, ProtoPoolRecipe, train_protopool
+        >>> config = ProtoPoolConfig(
+        ...     backbone="test_resnet", num_labels=2, num_prototypes=4, num_slots_per_class=2, input_size=[3, 64, 64]
+        ... )
+        >>> images = [{"pixel_values": torch.randn(3, 64, 64), "labels": i % 2} for i in range(4)]
+        >>> recipe = ProtoPoolRecipe(  # one epoch of warm-up and of fine-tuning, on four images
+        ...     output_dir=tempfile.mkdtemp(), warmup_epochs=1, joint_epochs=0, finetune_epochs=1, train_batch_size=4,
+        ...     eval_strategy="no", save_strategy="no", load_best_model_at_end=False, use_cpu=True, disable_tqdm=True,
+        ... )  # fmt: skip
+        >>> result = train_protopool(ProtoPoolForImageClassification(config), images, None, images, recipe)
+        {'train_runtime': ...}
+        {'train_runtime': ...}
+        >>> ProtoPoolForImageClassification.from_pretrained(result.output_dir).is_assignment_hard
         True
 
         ```

@@ -6,13 +6,6 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-
-# The suite runs offline (no Hub downloads; timm models are built with pretrained=False). Set before transformers and
-# huggingface_hub are imported, since both read the environment once. `hub_endpoint` turns the Hub back on, for one
-# test, against a loopback server.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
 import pytest
 from hub_server import HubServer
 

@@ -186,7 +186,17 @@ def test_cli_train_refuses_a_test_folder_with_other_classes(tmp_path, capsys):
             for i in range(4):
                 _image(tmp_path / "data" / split / name / f"{i}.png")
     argv = ["train", "--dataset", "folder", "--data-root", str(tmp_path / "data"), "--backbone", "test_resnet"]
-    argv += ["--feature-stage", "1", "--image-size", "32", "--num-prototypes", "4", "--num-slots", "1", "--cpu"]
+    argv += [
+        "--feature-stage",
+        "1",
+        "--image-size",
+        "32",
+        "--num-prototypes",
+        "4",
+        "--num-slots-per-class",
+        "1",
+        "--cpu",
+    ]
     argv += ["--val-fraction", "0.25"]
     assert cli_main([*argv, "--output-dir", str(tmp_path / "out")]) == 2
     assert "`test_dataset` calls class 1 'wasp' but the model's id2label[1] is 'bee'" in capsys.readouterr().err

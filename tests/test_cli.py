@@ -1,6 +1,7 @@
 import ast
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,20 @@ def test_the_lazy_export_table_matches_the_type_checking_imports_and_resolves():
         assert getattr(protopool_hf, name) is not None
 
 
+def test_the_package_exports_what_a_user_needs_and_the_rest_lives_in_its_module():
+    assert set(protopool_hf.__all__) == {
+        *("ProtoPoolConfig", "ProtoPoolForImageClassification", "ProtoPoolOutput", "__version__"),
+        *("ProtoPoolTrainer", "GumbelScheduleCallback", "WarmupCallback", "ProjectionCallback"),
+        *("ProtoPoolRecipe", "train_protopool", "project_prototypes", "explain", "evaluate_interpretability"),
+        *("push_to_hub", "convert_original_checkpoint", "export_onnx"),
+    }
+    with pytest.raises(AttributeError, match="has no attribute 'save_model_folder'"):
+        _ = protopool_hf.save_model_folder
+    from protopool_hf.hub import save_model_folder
+
+    assert callable(save_model_folder)
+
+
 @pytest.mark.parametrize(
     "command", [None, "train", "project", "explain", "evaluate", "push", "convert", "export", "app", "space"]
 )
@@ -127,6 +142,21 @@ def test_help_lists_every_command():
         assert command in help_text
 
 
+def test_train_size_and_loss_flags_are_named_after_the_config_fields(capsys):
+    from protopool_hf import ProtoPoolConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    flags = set(re.findall(r"--[a-z][a-z-]+", capsys.readouterr().out))
+    config = ProtoPoolConfig(**TINY)
+    for field in (
+        "num_prototypes", "num_slots_per_class", "prototype_dim", "feature_stage", "cluster_weight",
+        "separation_weight", "last_layer_correct_connection",
+    ):  # fmt: skip
+        assert hasattr(config, field) and "--" + field.replace("_", "-") in flags, field
+    assert "--num-slots" not in flags and "--last-layer-connection" not in flags
+
+
 def test_errors_are_one_line_with_status_2(tmp_path, model_folder, capsys):
     assert main(["explain", str(model_folder), str(tmp_path / "missing.png"), "--out", str(tmp_path / "x.png")]) == 2
     _one_line_error(capsys, containing=f"IMAGE '{tmp_path / 'missing.png'}' does not exist")
@@ -137,9 +167,9 @@ def test_train_then_explain_on_fashion_mnist(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--dataset", "fashion-mnist", "--data-root", str(FASHION_MNIST), "--limit", "160"]
     args += ["--backbone", "test_resnet", "--feature-stage", "1", "--image-size", "32", "--num-prototypes", "20"]
-    args += ["--num-slots", "2", "--prototype-dim", "16", "--warmup-epochs", "1", "--joint-epochs", "1"]
+    args += ["--num-slots-per-class", "2", "--prototype-dim", "16", "--warmup-epochs", "1", "--joint-epochs", "1"]
     args += ["--finetune-epochs", "1", "--batch-size", "32", "--cpu", "--output-dir", str(out)]
-    args += ["--cluster-weight", "0.2", "--separation-weight", "0.02", "--last-layer-connection", "10"]
+    args += ["--cluster-weight", "0.2", "--separation-weight", "0.02", "--last-layer-correct-connection", "10"]
     args += ["--finetune-lr", "0.01", "--backbone-lr", "0.002", "--frozen-backbone-stages", "1"]
     args += ["--dataset-name", "zalando-datasets/fashion_mnist"]
     out.mkdir()  # an older model in the folder: refused, then replaced with --overwrite
@@ -288,7 +318,7 @@ def test_a_previous_run_names_resume_from_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     (out / "warmup" / "checkpoint-1").mkdir(parents=True)
     argv = ["train", "--dataset", "fashion-mnist", "--data-root", str(FASHION_MNIST), "--limit", "100"]
-    argv += ["--backbone", "test_resnet", "--image-size", "64", "--num-prototypes", "20", "--num-slots", "2"]
+    argv += ["--backbone", "test_resnet", "--image-size", "64", "--num-prototypes", "20", "--num-slots-per-class", "2"]
     argv += ["--prototype-dim", "8", "--cpu", "--output-dir", str(out)]
     assert main(argv) == 2
     err = _one_line_error(capsys, containing="pass --resume-from-checkpoint to continue it")

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from protopool_hf import PRESETS, ProtoPoolConfig
+from protopool_hf import ProtoPoolConfig
+from protopool_hf.configuration_protopool import PRESETS
 
 
 TINY = {"backbone": "test_resnet", "num_labels": 3, "num_prototypes": 6, "num_slots_per_class": 2, "prototype_dim": 8}

@@ -8,10 +8,10 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from protopool_hf import InterpretabilityReport, ProtoPoolConfig, ProtoPoolForImageClassification, push_to_hub
+from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification, push_to_hub
 from protopool_hf.cli import main
 from protopool_hf.data import FASHION_MNIST_LABELS, load_fashion_mnist
-from protopool_hf.metrics import REPORT_FILENAME, load_masks, report_card
+from protopool_hf.metrics import REPORT_FILENAME, InterpretabilityReport, load_masks, report_card
 
 
 FASHION_MNIST = Path(__file__).parent / "data" / "fashion-mnist"

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
-from protopool_hf.deletion import curve_area, delete_boxes, random_boxes_like
+from protopool_hf.deletion import curve_area, delete_boxes, mean_curve, random_boxes_like
 from protopool_hf.interpretability import evaluate_interpretability
 from protopool_hf.localisation import SmoothGrad, localisation_maps, map_boxes
 from protopool_hf.metrics import BoxStats, explanation_size, structure_metrics, top_prototypes
@@ -270,6 +270,31 @@ def test_deletion_pieces_by_hand():
     assert all(top >= 0 and bottom <= 6 and left >= 0 and right <= 6 for top, bottom, left, right in boxes)
     assert curve_area([1.0, 0.5, 0.0]) == pytest.approx(0.5)
     assert curve_area([1.0, 1.0]) == 1.0
+    # An image with fewer boxes keeps all of them removed at the later steps: its curve holds its last value.
+    assert mean_curve([np.array([1.0, 0.5, 0.2]), np.array([1.0, 0.8])]).tolist() == pytest.approx([1.0, 0.65, 0.5])
+
+
+def test_deletion_curves_average_over_classes_with_fewer_distinct_prototypes():
+    # Class 1's two slots share prototype 2, so its images have one box and class 0's two: curves of 2 and 3 points.
+    torch.manual_seed(0)
+    config = ProtoPoolConfig(
+        backbone="test_resnet", num_labels=2, num_prototypes=4, num_slots_per_class=2, input_size=[3, 64, 64]
+    )
+    model = ProtoPoolForImageClassification(config).eval()
+    with torch.no_grad():
+        model.head.slot_logits.fill_(-5.0)
+        for c, p, s in [(0, 0, 0), (0, 1, 1), (1, 2, 0), (1, 2, 1)]:
+            model.head.slot_logits[c, p, s] = 5.0
+    model.harden_assignment()
+    rng = np.random.default_rng(0)
+    images = [PIL.Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(8)]
+    data = datasets.Dataset.from_dict({"image": images, "label": [0, 1] * 4})
+    with torch.no_grad():
+        predicted = model(torch.stack([EvalTransform(config)(image) for image in images])).logits.argmax(dim=1)
+    assert set(predicted.tolist()) == {0, 1}  # both kinds of image are among the explained ones
+    report = evaluate_interpretability(model, data, localisation="upsampled", deletion_repeats=1)
+    curve = report.localisations["upsampled"].deletion_curve
+    assert len(curve) == 3 and report.localisations["upsampled"].deletion_gain is not None
 
 
 # --------------------------------------------------------------------------- bad input

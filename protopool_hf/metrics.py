@@ -139,6 +139,14 @@ class BoxStats:
         background_share: share of the boxes with less than 10 % object pixels.
         mean_object_share: mean share of object pixels in a box.
         half_object_share: share of the boxes with at least 50 % object pixels.
+
+    Example:
+        ```python
+        >>> from protopool_hf.metrics import BoxStats
+        >>> BoxStats.of([0.0, 0.05, 0.6, 1.0])  # the object shares of four boxes
+        BoxStats(count=4, background_share=0.5, mean_object_share=0.4125, half_object_share=0.5)
+
+        ```
     """
 
     count: int
@@ -180,6 +188,15 @@ class LocalisationScores:
         deletion_gain: random_deletion_auc − deletion_auc (> 0: the boxes hold more evidence than random ones).
         deletion_curve: the mean curve, step 0 the intact image.
         random_deletion_curve: the mean random curve.
+
+    Example:
+        ```python
+        >>> from protopool_hf.metrics import BoxStats, LocalisationScores
+        >>> scores = LocalisationScores(test_top_slots=BoxStats.of([0.9, 1.0]), deletion_auc=0.3, random_deletion_auc=0.5)
+        >>> scores.test_top_slots.mean_object_share, scores.consistency  # None: not measured (no parts given)
+        (0.95, None)
+
+        ```
     """
 
     prototype_sources: BoxStats | None = None
@@ -222,6 +239,22 @@ class InterpretabilityReport:
         localisations: `LocalisationScores` per localisation name.
         more_faithful_localisation: the localisation with the larger deletion gain.
         settings: the parameters used (thresholds, sizes in pixels of the model input, seeds, annotation sources).
+
+    Example:
+        ```python
+        >>> import datasets, numpy as np, PIL.Image
+        >>> from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification, evaluate_interpretability
+        >>> config = ProtoPoolConfig(
+        ...     backbone="test_resnet", num_labels=2, num_prototypes=4, num_slots_per_class=2, input_size=[3, 64, 64]
+        ... )
+        >>> rng = np.random.default_rng(0)
+        >>> images = [PIL.Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)) for _ in range(4)]
+        >>> ds = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 0, 1]})
+        >>> report = evaluate_interpretability(ProtoPoolForImageClassification(config).eval(), ds, localisation="upsampled")
+        >>> report.num_images, report.num_prototypes, report.to_dict()["localisations"]["upsampled"]["consistency"]
+        (4, 4, None)
+
+        ```
     """
 
     num_images: int
@@ -364,6 +397,15 @@ class ReportCard:
         markdown: a section body: a table of the metrics with their one-line meanings.
         model_index: the numeric entries for `model-index` eval results: `{"type", "name", "value"}` each, to pass
             as `huggingface_hub.EvalResult(metric_type=..., metric_name=..., metric_value=...)`.
+
+    Example:
+        ```python
+        >>> from protopool_hf.metrics import report_card
+        >>> card = report_card({"num_images": 4, "num_localised_images": 4, "accuracy": 0.5, "prototypes_used_share": 0.75})
+        >>> card.markdown.splitlines()[2:4], [entry["type"] for entry in card.model_index]
+        (['| metric | value | meaning |', '|---|---|---|'], ['interpretability/accuracy', 'interpretability/prototypes_used_share'])
+
+        ```
     """
 
     markdown: str

@@ -221,9 +221,12 @@ def _load_model(model_class: Any, model: str) -> Any:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """`protopool-hf evaluate`."""
     check_model_source(args.model)
-    if args.out is None and not Path(args.model).expanduser().is_dir():
+    folder = Path(args.model).expanduser()
+    if args.out is None and not folder.is_dir():
         raise ValueError(f"MODEL {args.model!r} is no local folder: pass --out FILE for the report.")
-    out = args.out if args.out is not None else Path(args.model).expanduser() / "interpretability.json"
+    out = args.out if args.out is not None else folder / "interpretability.json"
+    # The report in the model folder is the one its card shows: the card is refreshed with it.
+    into_folder = folder.is_dir() and out.resolve() == (folder / "interpretability.json").resolve()
     check_output_path("--out", out, folder=False)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{str(out)!r} already exists: pass --overwrite to replace it.")
@@ -263,6 +266,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     print(report_card(report).markdown)
     print(f"Interpretability report written to {path}")
+    if into_folder:
+        from .hub import refresh_model_card
+
+        print(f"Model card updated: {refresh_model_card(folder, model=model)}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""What the `protopool-hf` command line says: its argument checks and its one-line errors.
+"""What the `protopool-hf` command line accepts and says: its argument names and checks, and its one-line errors.
 
 The command line checks the paths it is given (model, image, output) before any work is done, prints every error as
 one line (`error_line`), and rewords the library's Python-API advice ("pass resume_from_checkpoint=True") into its own
@@ -17,6 +17,8 @@ from pathlib import Path
 
 __all__ = [
     "CLI_WORDING",
+    "DATASETS",
+    "MASK_RULE_NAMES",
     "check_image_file",
     "check_model_source",
     "check_output_path",
@@ -28,6 +30,12 @@ __all__ = [
     "positive_int",
     "quiet_transformers_loading",
 ]
+
+#: The datasets `--dataset` names (the loaders of `protopool_hf.data`).
+DATASETS = ("fashion-mnist", "cub200", "cars196", "folder")
+#: The mask rules `evaluate --masks` names: the keys of `protopool_hf.metrics.MASK_RULES`, written here to keep
+#: `--help` free of torch.
+MASK_RULE_NAMES = ("fashion-mnist",)
 
 # Library advice (Python keyword arguments) -> the same advice in this command line's flags.
 CLI_WORDING = {

@@ -20,7 +20,6 @@ objects is refused, never executed.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import pickle
@@ -32,12 +31,9 @@ import torch
 
 from .configuration_protopool import ProtoPoolConfig
 from .modeling_protopool import ProtoPoolForImageClassification
-from .preprocessing import OFFICIAL_PREPROCESSING  # re-exported: the official `Resize((224, 224))`
 
 
 __all__ = [
-    "OFFICIAL_PREPROCESSING",
-    "convert_main",
     "convert_original_checkpoint",
     "load_inaturalist_backbone",
     "load_original_state_dict",
@@ -451,53 +447,3 @@ def save_inaturalist_backbone(
     output_path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(output_path), metadata={"source": "BBN iNaturalist-2017 ResNet-50, remapped to timm names"})
     return output_path
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-def convert_main(args: argparse.Namespace) -> int:
-    """`protopool-hf convert`: official checkpoint -> a `save_pretrained` folder.
-
-    The sizes (C, P, S, D) are read from the checkpoint; the preprocessing is the official one
-    (224×224 resize without crop, ImageNet mean/std).
-
-    Args:
-        args: the parsed `protopool-hf convert` arguments (`protopool_hf.cli.main` parses them; this module does not
-            import the CLI).
-
-    Returns:
-        The exit status, 0.
-    """
-    from .hub import check_model_folder, save_pretrained_replacing
-
-    check_model_folder(args.output_dir, getattr(args, "overwrite", False))
-    state_dict = load_original_state_dict(args.checkpoint)
-    sizes = original_checkpoint_sizes(state_dict)
-    extra: dict[str, Any] = {}
-    if args.labels is not None:
-        if not args.labels.is_file():
-            raise FileNotFoundError(f"--labels {str(args.labels)!r} does not exist.")
-        names = [line.strip() for line in args.labels.read_text().splitlines() if line.strip()]
-        if len(names) != sizes["num_labels"]:
-            raise ValueError(
-                f"--labels {str(args.labels)!r} has {len(names)} names but the checkpoint has "
-                f"{sizes['num_labels']} classes."
-            )
-        extra["id2label"] = dict(enumerate(names))
-        extra["label2id"] = {name: index for index, name in enumerate(names)}
-    if "id2label" not in extra:
-        extra["num_labels"] = sizes["num_labels"]
-    config = ProtoPoolConfig(
-        backbone=args.backbone,
-        num_prototypes=sizes["num_prototypes"],
-        num_slots_per_class=sizes["num_slots_per_class"],
-        prototype_dim=sizes["prototype_dim"],
-        **OFFICIAL_PREPROCESSING,
-        **extra,
-    )
-    model = convert_original_checkpoint(state_dict, config, gumbel_scale=args.gumbel_scale)
-    save_pretrained_replacing(model, args.output_dir)  # an old model's card and pictures go with it
-    print(
-        f"Converted {args.checkpoint} (C={sizes['num_labels']}, P={sizes['num_prototypes']}, "
-        f"S={sizes['num_slots_per_class']}, D={sizes['prototype_dim']}, backbone {args.backbone}) -> {args.output_dir}"
-    )
-    return 0

@@ -13,6 +13,7 @@ A report describes the weights it was measured on: a save that changes the weigh
 preprocessor_config.json) leaves the folder's report out; a save of the same model keeps it.
 
 * `save_model_folder` writes the whole folder next to the target and swaps it in (`protopool_hf.atomic`).
+* `refresh_model_card` renders the folder's README.md again (after `protopool-hf evaluate`), touching nothing else.
 * `push_to_hub` makes exactly one `HfApi.create_commit`: the repository moves from its old revision to the new one in
   one step, or not at all.
 
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, hf_hub_download
 
-from .atomic import link_or_copy, read_json, replace_folder
+from .atomic import link_or_copy, read_json, replace_folder, write_file
 from .card import METRIC_FILES, ProtoPoolModelCardData, load_metrics, merge_model_cards, render_model_card
 from .metrics import REPORT_FILENAME
 from .pictures import GALLERY_FILE, PROTOTYPES_DIR
@@ -42,6 +43,7 @@ __all__ = [
     "check_model_folder",
     "existing_model_files",
     "push_to_hub",
+    "refresh_model_card",
     "save_model_folder",
     "save_pretrained_replacing",
 ]
@@ -200,6 +202,50 @@ def save_pretrained_replacing(model: torch.nn.Module, folder: str | os.PathLike)
             _carry_over(folder, staging, drop=(*METRIC_FILES, "trainer_state.json", *_stale_report(folder, staging)))
 
     return replace_folder(folder, fill)
+
+
+def refresh_model_card(folder: str | os.PathLike, *, model: torch.nn.Module | None = None) -> Path:
+    """Render the README.md of a model folder again from what the folder holds now; no other file is touched.
+
+    The card gets the folder's pictures and its interpretability report (the section "Interpretability" and, when
+    the card names a dataset, its `model-index` results); its own text, metadata, training and evaluation sections
+    stay (a folder without a card gets one, with the evaluation of its Trainer result files). The file is replaced
+    atomically. `protopool-hf evaluate` calls it after writing the report into the folder.
+
+    Args:
+        folder: a model folder (config.json and weights).
+        model: the model saved there, if already loaded; else it is loaded from `folder`.
+
+    Returns:
+        The path of the card.
+
+    Example:
+        ```python
+        >>> import tempfile
+        >>> from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
+        >>> from protopool_hf.hub import refresh_model_card
+        >>> config = ProtoPoolConfig(backbone="test_resnet", num_labels=2, num_prototypes=4, num_slots_per_class=1)
+        >>> ProtoPoolForImageClassification(config).save_pretrained(folder := tempfile.mkdtemp())
+        >>> refresh_model_card(folder).name
+        'README.md'
+
+        ```
+    """
+    from .modeling_protopool import ProtoPoolForImageClassification
+
+    folder = Path(folder)
+    model = model if model is not None else ProtoPoolForImageClassification.from_pretrained(folder)
+    readme = folder / "README.md"
+    existing = readme if readme.is_file() else None
+    card = render_model_card(
+        model,
+        metrics=None if existing is not None else (load_metrics(folder) or None),
+        prototype_files=_pictures_in(folder),
+        gallery_file=GALLERY_FILE if (folder / GALLERY_FILE).is_file() else None,
+        existing_card=existing,
+        interpretability=_report_in(folder),
+    )
+    return write_file(readme, lambda path: card.save(path))
 
 
 # --------------------------------------------------------------------------- push

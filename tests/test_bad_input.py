@@ -6,6 +6,7 @@ feature map, one class, a test split with other classes) are refused.
 
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -16,9 +17,8 @@ import torch
 from transformers import AutoModelForImageClassification, pipeline
 
 from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
-from protopool_hf.cli import build_parser
 from protopool_hf.cli import main as cli_main
-from protopool_hf.convert import convert_main, to_original_state_dict
+from protopool_hf.convert import to_original_state_dict
 from protopool_hf.data import collate_fn, load_cub200, load_fashion_mnist, load_image_folder
 from protopool_hf.projection import project_prototypes
 from protopool_hf.recipe import ProtoPoolRecipe
@@ -119,30 +119,30 @@ def test_resuming_a_model_folder_that_is_not_a_run_still_needs_overwrite(tmp_pat
     assert _snapshot(out) == before
 
 
-def test_convert_refuses_a_model_folder_and_replaces_it_whole_with_overwrite(tmp_path):
+def test_convert_refuses_a_model_folder_and_replaces_it_whole_with_overwrite(tmp_path, capsys):
     config = ProtoPoolConfig(**TINY)
     checkpoint = tmp_path / "best_model.pth"
     torch.save({"model_state_dict": to_original_state_dict(ProtoPoolForImageClassification(config))}, checkpoint)
     out = tmp_path / "model"
     before = _old_model_folder(out)
     argv = ["convert", str(checkpoint), str(out), "--backbone", "test_resnet"]
-    with pytest.raises(FileExistsError, match=r"'.*model' already holds a saved model .*pass overwrite=True"):
-        convert_main(build_parser().parse_args(argv))
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"OUTPUT_DIR '.*model' already holds a saved model .*pass --overwrite", err), err
     assert _snapshot(out) == before
 
-    args = build_parser().parse_args(argv)
-    args.overwrite = True  # the CLI's --overwrite
-    assert convert_main(args) == 0
+    assert cli_main([*argv, "--overwrite"]) == 0
     assert not (out / "README.md").exists() and not (out / "prototypes").exists()
     assert AutoModelForImageClassification.from_pretrained(out).config.num_prototypes == 6
 
 
-def test_convert_names_a_text_file_that_is_not_a_checkpoint(tmp_path):
+def test_convert_names_a_text_file_that_is_not_a_checkpoint(tmp_path, capsys):
     text = tmp_path / "best_model.pth"
     text.write_text("this is not a checkpoint\n")
-    with pytest.raises(ValueError, match=r"'.*best_model\.pth' is not a PyTorch checkpoint .*main\.py saved"):
-        convert_main(build_parser().parse_args(["convert", str(text), str(tmp_path / "out")]))
-    assert not (tmp_path / "out").exists()
+    assert cli_main(["convert", str(text), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"'.*best_model\.pth' is not a PyTorch checkpoint .*main\.py saved", err), err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- configurations that cannot learn

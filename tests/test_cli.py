@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 import protopool_hf
-from protopool_hf.cli import COMMANDS, build_parser, main
-from protopool_hf.cli_messages import CLI_WORDING, cli_log_wording, cli_wording
+from protopool_hf.cli import build_parser, main
+from protopool_hf.cli_commands import COMMANDS
+from protopool_hf.cli_messages import CLI_WORDING, MASK_RULE_NAMES, cli_log_wording, cli_wording
 
 
 FASHION_MNIST = Path(__file__).parent / "data" / "fashion-mnist"
@@ -129,10 +130,27 @@ print(sorted(m for m in ('torch', 'timm', 'transformers') if m in sys.modules))
     assert _run_python(code).splitlines()[-1] == "[]"
 
 
-def test_convert_does_not_import_the_cli():
-    tree = ast.parse((Path(protopool_hf.__file__).parent / "convert.py").read_text())
+def test_the_parser_loads_the_commands_module_only_when_a_command_runs():
+    code = """
+import sys
+import protopool_hf.cli
+print("protopool_hf.cli_commands" in sys.modules)
+"""
+    assert _run_python(code) == "False"
+
+
+@pytest.mark.parametrize("module", ["convert.py", "cli_commands.py", "cli_messages.py"])
+def test_no_module_below_the_parser_imports_it(module):
+    # Imports go one way: the parser (cli.py) imports the commands and the messages, never the reverse.
+    tree = ast.parse((Path(protopool_hf.__file__).parent / module).read_text())
     modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert "cli" not in modules and "protopool_hf.cli" not in modules
+    assert not modules & {"cli", "protopool_hf.cli"}
+
+
+def test_the_mask_rules_the_parser_names_are_the_metrics_rules():
+    from protopool_hf.metrics import MASK_RULES
+
+    assert sorted(MASK_RULE_NAMES) == sorted(MASK_RULES)
 
 
 def test_help_lists_every_command():

@@ -11,6 +11,7 @@ from huggingface_hub import ModelCard
 from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification, push_to_hub
 from protopool_hf.cli import main
 from protopool_hf.data import FASHION_MNIST_LABELS, load_fashion_mnist
+from protopool_hf.hub import save_model_folder
 from protopool_hf.metrics import REPORT_FILENAME, InterpretabilityReport, load_masks, report_card
 
 
@@ -67,6 +68,55 @@ def test_evaluate_writes_the_report_into_the_model_folder(model_folder, capsys):
     argv = ["evaluate", str(model_folder), "--dataset", "fashion-mnist", "--data-root", str(FASHION_MNIST), *FAST]
     assert main(argv) == 2
     assert "already exists: pass --overwrite to replace it" in capsys.readouterr().err
+
+
+def _files(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+
+
+def test_evaluate_refreshes_the_card_of_the_model_folder(tmp_path, capsys):
+    # A folder as train writes it, whose card names a dataset and holds the user's own notes, and a picture.
+    folder = save_tiny_model(tmp_path / "model")
+    model = ProtoPoolForImageClassification.from_pretrained(folder)
+    save_model_folder(model, folder, dataset_name="zalando-datasets/fashion_mnist")
+    (folder / "README.md").write_text((folder / "README.md").read_text() + "\n## My notes\n\nTrained on a laptop.\n")
+    (folder / "prototypes").mkdir()
+    (folder / "prototypes" / "prototype_000.png").write_bytes(b"not touched")
+    before = _files(folder)
+    assert "## Interpretability" not in before["README.md"][0].decode()
+
+    argv = ["evaluate", str(folder), "--dataset", "fashion-mnist", "--data-root", str(FASHION_MNIST), *FAST]
+    assert main(argv) == 0
+    assert f"Model card updated: {folder / 'README.md'}" in capsys.readouterr().out
+    report = json.loads((folder / REPORT_FILENAME).read_text())
+    card = ModelCard.load(folder / "README.md")
+    assert report_card(report).markdown.strip() in card.text
+    assert "## My notes\n\nTrained on a laptop." in card.text
+    results = {r.metric_type: r for r in card.data.eval_results}
+    share = results["interpretability/prototypes_used_share"]
+    assert (
+        share.metric_value == report["prototypes_used_share"]
+        and share.dataset_name == "zalando-datasets/fashion_mnist"
+    )
+    after = _files(folder)
+    assert set(after) == {*before, REPORT_FILENAME}  # no temporary file left
+    assert {name: after[name] for name in before if name != "README.md"} == {
+        name: value for name, value in before.items() if name != "README.md"
+    }  # weights, config and pictures neither rewritten nor touched
+
+
+def test_evaluate_with_out_elsewhere_leaves_the_card_alone(tmp_path, capsys):
+    folder = save_tiny_model(tmp_path / "model")
+    save_model_folder(ProtoPoolForImageClassification.from_pretrained(folder), folder)
+    before = _files(folder)
+    argv = ["evaluate", str(folder), "--dataset", "fashion-mnist", "--data-root", str(FASHION_MNIST), *FAST]
+    assert main([*argv, "--out", str(tmp_path / "report.json")]) == 0
+    assert "Model card updated" not in capsys.readouterr().out
+    assert _files(folder) == before and (tmp_path / "report.json").is_file()
 
 
 def test_evaluate_with_masks_from_a_file_and_out(model_folder, tmp_path, capsys):

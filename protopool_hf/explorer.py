@@ -55,7 +55,19 @@ _NOTE = (110, 110, 110)
 
 
 class BadImageError(ValueError):
-    """An upload that cannot be explained (not an image, truncated, too small); the message says what to do."""
+    """An upload that cannot be explained (not an image, truncated, too small); the message says what to do.
+
+    Example:
+        ```python
+        >>> from protopool_hf.explorer import BadImageError, read_upload
+        >>> try:
+        ...     read_upload(None)
+        ... except BadImageError as error:
+        ...     print(error)
+        No image: upload a picture (PNG, JPEG, WebP, ...) or pick an example.
+
+        ```
+    """
 
 
 def read_upload(path: str | os.PathLike | None) -> PIL.Image.Image:
@@ -156,6 +168,21 @@ class Explorer:
         model: the model (one loaded here is in eval mode; `explain` runs a given one in eval mode for each call).
         folder: the local model folder (a Hub repo's download), or None for a model given as an object without one.
         name: how the app names the model (the path or repo id).
+
+    Example:
+        ```python
+        >>> import PIL.Image
+        >>> from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
+        >>> from protopool_hf.explorer import Explorer
+        >>> config = ProtoPoolConfig(backbone="test_resnet", num_labels=2, num_prototypes=4, num_slots_per_class=2)
+        >>> explorer = Explorer.load(ProtoPoolForImageClassification(config))
+        >>> explorer.labels, explorer.projected, len(explorer.slots[0])
+        (['LABEL_0', 'LABEL_1'], False, 2)
+        >>> result = explorer.explain(PIL.Image.new("RGB", (80, 60), (200, 30, 30)))
+        >>> sorted(result.probabilities) == explorer.labels and abs(sum(result.probabilities.values()) - 1) < 1e-5
+        True
+
+        ```
     """
 
     model: torch.nn.Module

@@ -24,11 +24,12 @@ import PIL.ImageDraw
 import torch
 
 from .layers import log_similarity
+from .provenance import read_provenance
+from .torch_utils import evaluating
 from .visualization import (
     PROTOTYPES_DIR,
     PrototypeImages,
     _class_name,
-    _eval_mode,
     _fit,
     _fit_text,
     _font,
@@ -373,7 +374,7 @@ def explain(
             "view; use an image processor whose resize and crop do not depend on normalisation."
         )
     device, dtype = _model_device(model)
-    with _eval_mode(model):
+    with evaluating(model):
         features = model.feature_map(pixel_values.to(device=device, dtype=dtype))
         head_out = model.head(features)
         distances = model.head.distances(features)[0].float().cpu()  # (P, H, W)
@@ -433,10 +434,10 @@ def explain(
 
 def _prototype_sources(model: Any, id2label: Mapping[int, str]) -> dict[int, str]:
     """`{prototype id: "projected on a <class> image"}` for the projected prototypes of `model`."""
-    head = getattr(model, "head", None)
-    if head is None or not hasattr(head, "projection_image_index"):
+    if getattr(model, "head", None) is None:
         return {}
-    index, labels = head.projection_image_index.tolist(), head.projection_label.tolist()
+    provenance = read_provenance(model)
+    index, labels = provenance.image_index.tolist(), provenance.label.tolist()
     return {
         p: f"projected on a {id2label.get(label, str(label))} image"
         for p, (i, label) in enumerate(zip(index, labels, strict=True))

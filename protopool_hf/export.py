@@ -32,6 +32,7 @@ from torch import nn
 
 from .layers import log_similarity
 from .modeling_protopool import image_processor_dict
+from .provenance import read_provenance
 
 
 __all__ = ["OUTPUT_NAMES", "OnnxCheck", "check_onnx", "export_onnx", "onnx_metadata"]
@@ -78,7 +79,7 @@ def onnx_metadata(model: nn.Module) -> dict[str, str]:
         "last_layer_weight": base64.b64encode(weight.tobytes()).decode("ascii"),
         "last_layer_shape": list(weight.shape),
         "similarity_epsilon": float(head.epsilon),
-        "prototype_labels": head.projection_label.cpu().tolist(),
+        "prototype_labels": read_provenance(model).label.tolist(),
         "config": config.to_dict(),
     }
     return {

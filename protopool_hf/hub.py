@@ -47,6 +47,7 @@ from huggingface_hub import (
 from huggingface_hub.utils import yaml_dump
 
 from .configuration_protopool import ProtoPoolConfig
+from .provenance import Provenance, read_provenance
 
 
 __all__ = [
@@ -686,9 +687,9 @@ def _template_values(
 
 
 def _prototypes_text(model: torch.nn.Module, files: dict[int, str], gallery_file: str | None) -> str:
-    config = model.config
-    projected = int((model.head.projection_image_index >= 0).sum())
-    source = f" of `{config.projection_dataset}`" if config.projection_dataset else ""
+    provenance = read_provenance(model)
+    projected = len(provenance.projected_ids)
+    source = f" of `{provenance.dataset_name}`" if provenance.dataset_name else ""
     if projected == 0:
         return (
             "The prototypes have not been projected onto training images yet, so they cannot be shown as pictures. "
@@ -702,14 +703,14 @@ def _prototypes_text(model: torch.nn.Module, files: dict[int, str], gallery_file
         ]
     if files:
         lines.append(
-            f"{projected} of the {config.num_prototypes} prototypes were projected onto patches of training images"
+            f"{projected} of the {provenance.num_prototypes} prototypes were projected onto patches of training images"
             f"{source}. `prototypes/prototype_NNN.png` is prototype NNN's patch, `prototype_NNN_overlay.png` its "
             "source image with the similarity heat map and the high-activation box, `prototype_NNN_source.png` the "
             "source image with the box."
         )
     else:
         lines.append(
-            f"{projected} of the {config.num_prototypes} prototypes were projected onto patches of training images"
+            f"{projected} of the {provenance.num_prototypes} prototypes were projected onto patches of training images"
             f"{source}, but their pictures were not rendered: pass the dataset to `protopool_hf.save_model_folder` "
             "or `protopool_hf.push_to_hub` to add them."
         )
@@ -896,15 +897,17 @@ def _same_projection(model: torch.nn.Module, folder: Path) -> bool:
     weights = folder / "model.safetensors"
     if not weights.is_file():
         return False
-    names = ["prototypes", "projection_image_index", "projection_row", "projection_col"]
     with safe_open(weights, framework="pt") as saved:
         keys = set(saved.keys())
-        for name in names:
-            key = f"head.{name}"
-            current = getattr(model.head, name).detach().cpu()
-            if key not in keys or not torch.equal(saved.get_tensor(key), current):
-                return False
-    return model.config.projection_dataset == _read_json(folder / "config.json").get("projection_dataset")
+        wanted = ["head.prototypes", *Provenance.state_dict_keys("head.")]
+        if any(key not in keys for key in wanted):
+            return False
+        tensors = {key: saved.get_tensor(key) for key in wanted}
+    if not torch.equal(tensors["head.prototypes"], model.head.prototypes.detach().cpu()):
+        return False
+    recorded = Provenance.from_state_dict(tensors, "head.")
+    recorded.dataset_name = _read_json(folder / "config.json").get("projection_dataset")
+    return recorded.same_sources(read_provenance(model))
 
 
 def _carry_over(old: Path, new: Path, drop: Sequence[str] = ()) -> None:

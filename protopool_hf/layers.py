@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .provenance import register_provenance_buffers
+
 
 __all__ = [
     "HeadOutput",
@@ -175,12 +177,8 @@ class ProtoPoolHead(nn.Module):
         self.last_layer = nn.Linear(num_classes * num_slots_per_class, num_classes, bias=False)
         self.register_buffer("gumbel_scale", torch.ones(()))
         self.register_buffer("hard_assignment", torch.zeros((), dtype=torch.bool))
-        # Provenance of projected prototypes (-1 / nan: never projected).
-        self.register_buffer("projection_image_index", torch.full((num_prototypes,), -1, dtype=torch.long))
-        self.register_buffer("projection_row", torch.full((num_prototypes,), -1, dtype=torch.long))
-        self.register_buffer("projection_col", torch.full((num_prototypes,), -1, dtype=torch.long))
-        self.register_buffer("projection_distance", torch.full((num_prototypes,), float("nan")))
-        self.register_buffer("projection_label", torch.full((num_prototypes,), -1, dtype=torch.long))
+        # Provenance of projected prototypes (-1 / nan: never projected): projection_image_index, _row, _col, ...
+        register_provenance_buffers(self, num_prototypes)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

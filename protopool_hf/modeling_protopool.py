@@ -26,6 +26,7 @@ from .configuration_protopool import ProtoPoolConfig
 from .layers import HeadOutput, ProtoPoolHead
 from .losses import LossWeights, all_loss_terms, weighted_total
 from .preprocessing import image_processor_dict
+from .provenance import PROVENANCE_BUFFERS, Provenance, clear_provenance, write_provenance
 
 
 __all__ = [
@@ -97,9 +98,8 @@ class ProtoPoolPreTrainedModel(PreTrainedModel):
             init.copy_(module.last_layer.weight, module.initial_last_layer())
             init.ones_(module.gumbel_scale)
             init.zeros_(module.hard_assignment)
-            for name in ("projection_image_index", "projection_row", "projection_col", "projection_label"):
-                init.constant_(getattr(module, name), -1)
-            init.constant_(module.projection_distance, float("nan"))
+            for buffer, _, empty in PROVENANCE_BUFFERS.values():
+                init.constant_(getattr(module, buffer), empty)
         elif hasattr(module, "init_non_persistent_buffers"):
             # timm's relative-position indices, rope tables, blur filters are not in the checkpoint.
             module.init_non_persistent_buffers()
@@ -420,7 +420,6 @@ class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
         return self.head.slot_logits.argmax(dim=1)
 
     # ------------------------------------------------------------------ projection provenance
-    @torch.no_grad()
     def set_projection_provenance(
         self,
         image_index: torch.Tensor,
@@ -432,27 +431,13 @@ class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
         input_size: list[int] | None = None,
     ) -> None:
         """Record where each prototype was projected: `(P,)` image index, feature-map row/col, distance, class."""
-        head = self.head
-        for buffer, value in (
-            (head.projection_image_index, image_index),
-            (head.projection_row, row),
-            (head.projection_col, col),
-            (head.projection_distance, distance),
-            (head.projection_label, label),
-        ):
-            buffer.copy_(torch.as_tensor(value).to(buffer))
-        self.config.projection_dataset = dataset_name
-        self.config.projection_input_size = list(input_size) if input_size is not None else None
+        values = (image_index, row, col, distance, label)
+        tensors = {name: torch.as_tensor(value) for name, value in zip(PROVENANCE_BUFFERS, values, strict=True)}
+        write_provenance(self, Provenance(**tensors, dataset_name=dataset_name, input_size=input_size))
 
-    @torch.no_grad()
     def clear_projection_provenance(self) -> None:
         """Forget where the prototypes were projected: buffers back to -1 / nan, config fields to None."""
-        head = self.head
-        for buffer in (head.projection_image_index, head.projection_row, head.projection_col, head.projection_label):
-            buffer.fill_(-1)
-        head.projection_distance.fill_(float("nan"))
-        self.config.projection_dataset = None
-        self.config.projection_input_size = None
+        clear_provenance(self)
 
     @torch.no_grad()
     def restart_head(self, reinitialised: list[str], source: str = "the checkpoint") -> None:

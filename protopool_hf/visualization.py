@@ -20,7 +20,6 @@ import os
 import unicodedata
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,10 +31,11 @@ import PIL.ImageFont
 import torch
 import torch.nn.functional as F
 
-from .data import decode_image, to_rgb
+from .images import decode_image, to_rgb
 from .layers import log_similarity
 from .preprocessing import EvalTransform, eval_data_config
-from .projection import default_dataset_name
+from .provenance import check_dataset_name, dataset_name, read_provenance
+from .torch_utils import evaluating
 
 
 __all__ = [
@@ -146,19 +146,6 @@ def preprocess(image: Any, config: Any, processor: Any | None = None) -> torch.T
 # --------------------------------------------------------------------------- activation maps
 
 
-@contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and no grad for the duration; every submodule's own mode is restored afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
-
-
 def _model_device(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     parameter = next(model.backbone.parameters(), None)
     if parameter is None:
@@ -170,7 +157,7 @@ def _model_device(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
 def _distances(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """`(N, 3, H_in, W_in)` -> `(N, P, H, W)` squared distances in float32, on the CPU."""
     device, dtype = _model_device(model)
-    with _eval_mode(model):
+    with evaluating(model):
         return model.prototype_distances(pixel_values.to(device=device, dtype=dtype)).float().cpu()
 
 
@@ -358,66 +345,8 @@ def _class_name(config: Any, class_id: int) -> str:
     return str(name).replace("_", " ") if name is not None else str(class_id)
 
 
-@dataclass
-class _Provenance:
-    image_index: int
-    row: int
-    col: int
-    distance: float
-    label: int
-
-
-def _provenance(model: torch.nn.Module, prototype_id: int) -> _Provenance:
-    head = model.head
-    index = head.projection_image_index.cpu()
-    if bool((index < 0).all()):
-        raise ValueError(
-            "This model was never projected: its prototypes have no source image "
-            "(model.head.projection_image_index is -1 everywhere). Run "
-            "`protopool_hf.project_prototypes(model, dataloader)` on the training set first, then draw the prototypes."
-        )
-    if int(index[prototype_id]) < 0:
-        raise ValueError(
-            f"Prototype {prototype_id} has no projection provenance: the projection skipped it because no class slot "
-            "used it then. Draw the projected ones (`used_prototypes(model)`, or leave prototype_ids=None)."
-        )
-    return _Provenance(
-        image_index=int(index[prototype_id]),
-        row=int(head.projection_row[prototype_id]),
-        col=int(head.projection_col[prototype_id]),
-        distance=float(head.projection_distance[prototype_id]),
-        label=int(head.projection_label[prototype_id]),
-    )
-
-
-def _projected_ids(model: torch.nn.Module) -> list[int]:
-    index = model.head.projection_image_index.cpu()
-    if bool((index < 0).all()):
-        _provenance(model, 0)  # raises the "never projected" error
-    return [p for p in range(len(index)) if int(index[p]) >= 0]
-
-
 def _without_transform(dataset: Any) -> Any:
     return dataset.with_format(None) if hasattr(dataset, "with_format") else dataset
-
-
-def _check_dataset_name(model: torch.nn.Module, dataset: Any) -> None:
-    """Warn when the dataset's name differs from the one the projection recorded.
-
-    Only a warning, and only for names: a caller may have given the projection a name of their own. The content check
-    of `render_prototypes(verify=True)` is the one that raises.
-    """
-    recorded = getattr(model.config, "projection_dataset", None)
-    current = default_dataset_name(dataset)
-    if not recorded or current is None or recorded == current:
-        return
-    if recorded.startswith("fingerprint:") or current.startswith("fingerprint:"):
-        return  # fingerprints change with every format or transform: only the content check can tell
-    warnings.warn(
-        f"The prototypes were projected on {recorded!r} (model.config.projection_dataset), but this dataset is "
-        f"{current!r}. Pass the dataset, split and order used by project_prototypes.",
-        stacklevel=3,
-    )
 
 
 def _rows_for(dataset: Any, image_indices: Sequence[int], model: torch.nn.Module) -> dict[int, int]:
@@ -616,15 +545,17 @@ def render_prototypes(
         ValueError: the model was never projected, a prototype was not projected, or the dataset does not match the
             recorded provenance.
     """
-    ids = _projected_ids(model) if prototype_ids is None else [_check_prototype_id(model, p) for p in prototype_ids]
-    provenance = {p: _provenance(model, p) for p in ids}
-    _check_dataset_name(model, dataset)
-    rows = _rows_for(dataset, sorted({prov.image_index for prov in provenance.values()}), model)
+    source = read_provenance(model)
+    ids = source.projected_ids if prototype_ids is None else [_check_prototype_id(model, p) for p in prototype_ids]
+    source.check_projected(ids)
+    check_dataset_name(source, dataset)
+    image_of = {p: int(source.image_index[p]) for p in ids}
+    rows = _rows_for(dataset, sorted(set(image_of.values())), model)
     transform = EvalTransform(model.config, getattr(model.config, "projection_input_size", None))
     classes = prototype_classes(model)
     by_image: dict[int, list[int]] = {}
     for p in ids:
-        by_image.setdefault(provenance[p].image_index, []).append(p)
+        by_image.setdefault(image_of[p], []).append(p)
     out: dict[int, PrototypeImages] = {}
     for chunk in _batches(sorted(by_image), batch_size):
         views = [transform.view(_dataset_image(dataset, rows[i], image_column)) for i in chunk]
@@ -632,17 +563,17 @@ def render_prototypes(
         maps = log_similarity(distances, model.config.similarity_epsilon)
         for n, image_index in enumerate(chunk):
             for p in by_image[image_index]:
-                prov = provenance[p]
-                _check_location(distances[n, p], prov, p, dataset, model, verify)
+                row, col = int(source.row[p]), int(source.col[p])
+                _check_location(distances[n, p], (image_index, row, col), p, dataset, model, verify)
                 out[p] = _build_images(
                     p,
                     views[n],
                     maps[n, p],
                     image_index=image_index,
-                    row=prov.row,
-                    col=prov.col,
-                    label=prov.label,
-                    distance=float(distances[n, p, prov.row, prov.col]),
+                    row=row,
+                    col=col,
+                    label=int(source.label[p]),
+                    distance=float(distances[n, p, row, col]),
                     classes=classes[p],
                     percentile=percentile,
                     colormap=colormap,
@@ -652,27 +583,28 @@ def render_prototypes(
 
 def _check_location(
     distance_map: torch.Tensor,
-    prov: _Provenance,
+    patch: tuple[int, int, int],
     prototype_id: int,
     dataset: Any,
     model: torch.nn.Module,
     verify: bool,
 ) -> None:
+    image_index, row, col = patch
     height, width = distance_map.shape
-    if not (0 <= prov.row < height and 0 <= prov.col < width):
+    if not (0 <= row < height and 0 <= col < width):
         raise ValueError(
-            f"Prototype {prototype_id} was projected at feature-map cell ({prov.row}, {prov.col}), outside this "
+            f"Prototype {prototype_id} was projected at feature-map cell ({row}, {col}), outside this "
             f"{height}×{width} map: the projection used another input size or backbone stage than "
             f"model.config.projection_input_size={getattr(model.config, 'projection_input_size', None)}."
         )
     if not verify:
         return
-    at_patch, mean = float(distance_map[prov.row, prov.col]), float(distance_map.mean())
+    at_patch, mean = float(distance_map[row, col]), float(distance_map.mean())
     if at_patch > max(1e-3, 0.05 * mean):
-        name = default_dataset_name(dataset) or type(dataset).__name__
+        name = dataset_name(dataset) or type(dataset).__name__
         raise ValueError(
-            f"Prototype {prototype_id} is at squared distance {at_patch:.4g} from the patch ({prov.row}, {prov.col}) of "
-            f"image {prov.image_index} of {name} (mean over that image {mean:.4g}); right after projection it is ~0. "
+            f"Prototype {prototype_id} is at squared distance {at_patch:.4g} from the patch ({row}, {col}) of "
+            f"image {image_index} of {name} (mean over that image {mean:.4g}); right after projection it is ~0. "
             f"Either this is not the dataset, split, order or preprocessing of the projection "
             f"({getattr(model.config, 'projection_dataset', None)!r}), or the prototypes changed after it: re-run "
             "project_prototypes, or pass verify=False to draw the recorded patch anyway."
@@ -910,7 +842,9 @@ def prototype_gallery(
         The gallery image.
     """
     if prototype_ids is None:
-        projected = set(_projected_ids(model))
+        source = read_provenance(model)
+        source.check_projected()
+        projected = set(source.projected_ids)
         prototype_ids = [p for p in used_prototypes(model) if p in projected]
     if pictures is None:
         if dataset is None:

@@ -19,9 +19,10 @@ from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
 from protopool_hf.cli import build_parser
 from protopool_hf.cli import main as cli_main
 from protopool_hf.convert import convert_main, to_original_state_dict
-from protopool_hf.data import collate_fn, load_cub200, load_fashion_mnist, load_image_folder
+from protopool_hf.data import load_cub200, load_fashion_mnist, load_image_folder
 from protopool_hf.projection import project_prototypes
 from protopool_hf.training import ProtoPoolRecipe, train_protopool
+from protopool_hf.transforms import collate_fn
 
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))

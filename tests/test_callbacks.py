@@ -19,8 +19,8 @@ from protopool_hf.callbacks import (
     WarmupCallback,
     gumbel_scale_at,
 )
-from protopool_hf.data import collate_fn, make_transforms
 from protopool_hf.training import ProtoPoolTrainer, set_trainable
+from protopool_hf.transforms import collate_fn, make_transforms
 
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))

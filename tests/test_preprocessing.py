@@ -14,8 +14,9 @@ from transformers import AutoImageProcessor, BitImageProcessor
 
 from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification, push_to_hub
 from protopool_hf import visualization as viz
-from protopool_hf.data import from_hf_dataset, make_transforms
+from protopool_hf.data import from_hf_dataset
 from protopool_hf.preprocessing import EvalTransform, eval_data_config, image_processor_dict
+from protopool_hf.transforms import make_transforms
 
 
 TINY = {"backbone": "test_resnet", "num_labels": 3, "num_prototypes": 6, "num_slots_per_class": 2, "prototype_dim": 8}

@@ -18,7 +18,6 @@ from transformers import TrainerCallback
 from protopool_hf import ProtoPoolForImageClassification
 from protopool_hf.backbone import leading_stage_parameters
 from protopool_hf.callbacks import GumbelScheduleCallback
-from protopool_hf.data import collate_fn
 from protopool_hf.losses import LOSS_TERM_NAMES, weighted_total
 from protopool_hf.training import (
     EpochStepDecay,
@@ -32,6 +31,7 @@ from protopool_hf.training import (
     split_train_validation,
     train_protopool,
 )
+from protopool_hf.transforms import collate_fn
 
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))

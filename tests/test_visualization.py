@@ -11,7 +11,8 @@ import torch
 
 from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
 from protopool_hf import visualization as viz
-from protopool_hf.data import from_hf_dataset, make_transforms
+from protopool_hf.data import from_hf_dataset
+from protopool_hf.transforms import make_transforms
 
 
 PHOTOS = sorted((Path(__file__).parent / "data" / "photos").glob("*.jpg"))

@@ -81,6 +81,7 @@ class ProjectionResult(Provenance):
         >>> result = project_prototypes(model, data, batch_size=4)
         >>> result.image_index.shape, result.num_images, model.is_assignment_hard
         (torch.Size([6]), 6, True)
+
         ```
     """
 
@@ -402,6 +403,7 @@ def prune_unused_prototypes(model: ProtoPoolForImageClassification) -> torch.Ten
         >>> kept = prune_unused_prototypes(model)
         >>> model.config.num_prototypes == len(kept) == model.class_to_prototypes().unique().numel()
         True
+
         ```
     """
     model = unwrap_model(model)

@@ -75,6 +75,7 @@ class Provenance:
         >>> write_provenance(model, provenance)
         >>> read_provenance(model).projected_ids, model.config.projection_dataset
         ([1], 'cub200/train')
+
         ```
     """
 
@@ -254,6 +255,7 @@ def dataset_name(data: Any) -> str | None:
         >>> train = datasets.Dataset.from_dict({"label": [0, 1, 1]}, info=info, split="train")
         >>> dataset_name(train), dataset_name(train.shuffle(seed=0).with_transform(lambda batch: batch))
         ('cub200/train', 'cub200/train')
+
         ```
     """
     dataset = getattr(data, "dataset", data)

@@ -42,6 +42,7 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
         (False, False)
         >>> model.training, model[0].training, model[1].training
         (True, False, True)
+
         ```
     """
     modes = [(module, module.training) for module in model.modules()]
@@ -84,6 +85,7 @@ def check_labels(
         Traceback (most recent call last):
         ...
         ValueError: `labels` holds [3], outside [0, 3) for this model's 3 classes: check the dataset's label column against the config's id2label.
+
         ```
     """
     high = num_labels

@@ -68,6 +68,7 @@ class ImageTransform:
         >>> batch = collate_fn([ds[0], ds[1]])
         >>> batch["pixel_values"].shape, batch["labels"].tolist()
         (torch.Size([2, 3, 32, 32]), [0, 1])
+
         ```
     """
 

@@ -838,7 +838,8 @@ def bench_deploy(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per benchmark (and `_memory`, the speed benchmark's child process)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -915,7 +916,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-size", type=int, required=True)
     p.add_argument("--threads", type=int, default=1)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.command == "_memory":
         _memory_child(args)
         return

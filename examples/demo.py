@@ -455,7 +455,8 @@ def apply_overrides(settings: DemoSettings, items: list[str]) -> DemoSettings:
     return settings
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The demo's command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="demo-output", help="where everything is written")
     parser.add_argument("--quick", action="store_true", help="a few-minute check on 1 000 images")
@@ -468,7 +469,11 @@ def main(argv: list[str] | None = None) -> None:
         metavar="FIELD=VALUE",
         help="override a DemoSettings field (JSON value), e.g. --set joint_epochs=4 --set mixup_alpha=0.5",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     settings = quick_settings() if args.quick else DemoSettings()
     if args.train_images:
         settings.train_images = args.train_images

@@ -106,6 +106,9 @@ class ProtoPoolPreTrainedModel(PreTrainedModel):
 
     def _set_gradient_checkpointing(self, enable: bool = True, *args: Any, **kwargs: Any) -> None:
         self.backbone.set_grad_checkpointing(enable)
+        # transformers reads the state from a `gradient_checkpointing` attribute (`is_activation_checkpointing`, and
+        # the Trainer's DDP `find_unused_parameters`); timm's flag is named `grad_checkpointing`.
+        self.gradient_checkpointing = enable
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any, **kwargs: Any) -> Any:

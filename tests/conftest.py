@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -89,6 +90,17 @@ def _forget_clients() -> None:
         sys.modules["transformers.utils.hub"]._hf_api = None
 
 
+@contextlib.contextmanager
+def _loopback_hub(home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
+    server = HubServer().start()
+    try:
+        _point_hf_at(server.url, home, monkeypatch)
+        yield server
+    finally:
+        server.stop()
+        _forget_clients()
+
+
 @pytest.fixture
 def hub_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
     """A fresh, empty Hub on 127.0.0.1 that huggingface_hub and transformers use for the duration of the test.
@@ -96,13 +108,15 @@ def hub_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubS
     Use it for assertions: `hub_server.repos["org/name"].commits[-1].added`, `.files`, `repo.read(path)`,
     `hub_server.log`, and `hub_server.fail_next_commit = True` to make the next commit fail.
     """
-    server = HubServer().start()
-    try:
-        _point_hf_at(server.url, tmp_path / "hf_home", monkeypatch)
+    with _loopback_hub(tmp_path / "hf_home", monkeypatch) as server:
         yield server
-    finally:
-        server.stop()
-        _forget_clients()
+
+
+@pytest.fixture
+def loopback_hub() -> Callable[[Path, pytest.MonkeyPatch], contextlib.AbstractContextManager[HubServer]]:
+    """The context manager behind `hub_server` (`with loopback_hub(home, monkeypatch) as server:`), for the test of
+    its own set-up and tear-down; the monkeypatch's undo restores what it changed."""
+    return _loopback_hub
 
 
 @pytest.fixture

@@ -130,6 +130,7 @@ def test_errors_are_one_line_with_status_2(tmp_path, model_folder, capsys):
     _one_line_error(capsys, containing=f"IMAGE '{tmp_path / 'missing.png'}' does not exist")
 
 
+@pytest.mark.slow  # trains through the CLI, then explains: 23 s on a 2-core machine
 def test_train_then_explain_on_fashion_mnist(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--dataset", "fashion-mnist", "--data-root", str(FASHION_MNIST), "--limit", "160"]

@@ -1,5 +1,8 @@
-"""The example scripts' own logic: the demo's `--set` overrides and the head-only experiment protocol."""
+"""The example scripts' own logic: the demo's `--set` overrides, the head-only experiment protocol, and the commands
+the docs quote for them."""
 
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -9,8 +12,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
+import benchmark
 import demo
 import head_experiments
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_overrides_parse_json_and_name_bad_fields():
@@ -34,6 +41,7 @@ def synthetic_features(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return maps.half(), labels
 
 
+@pytest.mark.slow  # about 27 CPU-seconds: 15-30 s on 2 cores
 def test_head_only_protocol_learns_projects_and_fine_tunes():
     features = {"train": synthetic_features(512, 0), "test": synthetic_features(128, 1)}
     settings = head_experiments.HeadSettings(
@@ -45,3 +53,74 @@ def test_head_only_protocol_learns_projects_and_fine_tunes():
     assert result["fine_tuned"] > 0.5  # after projection and fine-tuning still far above chance (0.25)
     assert 2 <= result["prototypes_used"] <= 8
     assert result["correct_connection"] == 10.0  # the settings are recorded with the result
+
+
+# --------------------------------------------------------------------------- commands quoted in the docs
+def doc_paragraphs(text: str) -> list[tuple[bool, list[str]]]:
+    """Per paragraph (a fenced block or text between blank lines): whether it is a fenced block, and the commands it
+    quotes, as single lines.
+
+    A fenced block gives its lines (backslash continuations joined, comments dropped); text gives its inline code
+    spans, which may wrap across lines.
+    """
+    paragraphs, rest = [], []
+    for n, part in enumerate(re.split(r"^```[a-z]*\n", text, flags=re.M)):
+        if n % 2:  # inside a fence
+            lines = part.replace("\\\n", " ").splitlines()
+            paragraphs.append((True, [line.split(" #")[0] for line in lines if not line.lstrip().startswith("#")]))
+        else:
+            rest.append(part)
+    for paragraph in re.split(r"\n\s*\n", "\n\n".join(rest)):
+        paragraphs.append((False, [span.replace("\n", " ") for span in re.findall(r"`([^`]+)`", paragraph)]))
+    return paragraphs
+
+
+def script_args(command: str, script: str) -> list[str] | None:
+    """The arguments after `examples/<script>` in a command line, or None when it does not run that script."""
+    if f"examples/{script}" not in command:
+        return None
+    words = shlex.split(command)
+    for i, word in enumerate(words):
+        if word.endswith(f"examples/{script}") and i and words[i - 1].endswith("python"):  # run, not named
+            return [w for w in words[i + 1 :] if w != "..."]
+    return None
+
+
+def settings_of(args) -> dict:
+    """The demo settings a parsed demo.py or `benchmark.py accuracy` command runs with (threads aside)."""
+    settings = demo.DemoSettings()
+    if args.train_images:
+        settings.train_images = args.train_images
+    return {k: v for k, v in demo.apply_overrides(settings, args.set).to_dict().items() if k != "threads"}
+
+
+def makefile_demo_args() -> list[str]:
+    recipe = (ROOT / "Makefile").read_text().split("\ndemo:", 1)[1]
+    return script_args(next(line for line in recipe.splitlines() if "examples/demo.py" in line), "demo.py")
+
+
+def test_commands_in_the_docs_run_as_written():
+    """Every demo.py / benchmark.py command the docs quote parses and names real settings; a demo command to copy
+    (in a fenced block) is what `make demo` runs; a `--protopool-metrics` command has the settings of the demo run it reuses (the demo
+    command in the same paragraph or, without one, the defaults), or benchmark.py refuses it."""
+    make_demo = makefile_demo_args()
+    assert make_demo == ["--output-dir", "demo-output"]
+    checked = 0
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for n, (fenced, commands) in enumerate(doc_paragraphs(path.read_text())):
+            where = f"{path.name}, paragraph {n}"
+            run_settings = settings_of(demo.build_parser().parse_args([]))
+            for command in commands:
+                if (argv := script_args(command, "demo.py")) is not None:
+                    run_settings = settings_of(demo.build_parser().parse_args(argv))
+                    if fenced and "--output-dir" in argv and argv[argv.index("--output-dir") + 1] == "demo-output":
+                        assert argv == make_demo, f"{where}: the demo is `make demo` ({make_demo}), not {argv}"
+                    checked += 1
+                elif (argv := script_args(command, "benchmark.py")) is not None:
+                    args = benchmark.build_parser().parse_args(argv)
+                    if args.command == "accuracy":
+                        settings = settings_of(args)
+                        if args.protopool_metrics:
+                            assert settings == run_settings, f"{where}: {command!r} reuses a run with other settings"
+                    checked += 1
+    assert checked >= 20

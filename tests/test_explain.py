@@ -266,13 +266,21 @@ def test_render_with_dataset_folder_mapping_or_nothing(projected, dataset, tmp_p
     with_data = explanation.render(dataset=dataset, max_slots=2, thumb_size=96)
     viz.save_prototype_images(projected, dataset, tmp_path)
     from_folder = explanation.render(prototype_images=tmp_path / "prototypes", max_slots=2, thumb_size=96)
-    pictures = viz.render_prototypes(projected, dataset)
-    from_mapping = explanation.render(prototype_images=pictures, max_slots=2, thumb_size=96)
-    for image in (plain, with_data, from_folder, from_mapping):
+    # Like with like: `dataset=` draws only the shown prototypes' images in one batch, save_prototype_images draws
+    # all four images in one batch; the distance kernel may round differently for another batch (N·H·W), and
+    # φ(d) amplifies that near d = 0 by up to 1/ε (a grey level or two on the overlays). So each path is compared
+    # with the mapping drawn from the same batch.
+    shown = sorted({s.prototype_id for s in explanation.slots[:2]})
+    from_mapping = explanation.render(
+        prototype_images=viz.render_prototypes(projected, dataset, shown), max_slots=2, thumb_size=96
+    )
+    all_pictures = viz.render_prototypes(projected, dataset)
+    from_all = explanation.render(prototype_images=all_pictures, max_slots=2, thumb_size=96)
+    for image in (plain, with_data, from_folder, from_mapping, from_all):
         assert image.mode == "RGB"
         assert image.size == plain.size
     assert np.array_equal(np.asarray(with_data), np.asarray(from_mapping))
-    assert np.abs(np.asarray(with_data, int) - np.asarray(from_folder, int)).max() == 0  # PNG is lossless
+    assert np.array_equal(np.asarray(from_all), np.asarray(from_folder))  # PNG is lossless
     assert not np.array_equal(np.asarray(plain), np.asarray(with_data))
     shorter = explanation.render(max_slots=1, thumb_size=96)
     assert shorter.height < plain.height

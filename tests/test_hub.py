@@ -432,6 +432,7 @@ def test_a_fresh_process_without_protopool_hf_loads_the_pushed_repo(hub_server, 
         sys.path.append({sysconfig.get_paths()["purelib"]!r})  # the venv's packages, without its .pth files
         assert importlib.util.find_spec("protopool_hf") is None, "protopool_hf must not be importable here"
         import torch
+        torch.set_num_threads({torch.get_num_threads()})  # like with like: the kernels' split depends on it
         from transformers import AutoModelForImageClassification
         model = AutoModelForImageClassification.from_pretrained({REPO!r}, trust_remote_code=True).eval()
         with torch.no_grad():

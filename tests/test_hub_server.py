@@ -244,12 +244,32 @@ def test_transformers_loads_a_pushed_model(hub_server, tmp_path):
         torch.testing.assert_close(loaded(pixels).logits, model(pixels).logits, rtol=0, atol=0)
 
 
-def test_settings_are_restored_after_the_fixture():
-    # Runs after the tests above (pytest keeps file order): their fixture must have put everything back.
-    assert os.environ.get("HF_ENDPOINT", constants._HF_DEFAULT_ENDPOINT).rstrip("/") == constants.ENDPOINT
-    assert "127.0.0.1" not in constants.HUGGINGFACE_CO_URL_TEMPLATE
-    assert HfApi().endpoint == constants.ENDPOINT
-    from transformers.utils.hub import hf_api
+def hub_settings() -> dict[str, object]:
+    """Everything the loopback fixture changes that later code reads: variables, derived constants, API clients."""
+    from huggingface_hub import hf_api
+    from transformers.utils.hub import hf_api as transformers_hf_api
 
-    assert hf_api().endpoint == constants.ENDPOINT
+    names = ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_TOKEN", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_DISABLE_XET")
+    return {
+        **{f"env {name}": os.environ.get(name) for name in names},
+        **{name: getattr(constants, name) for name in ("ENDPOINT", "HUGGINGFACE_CO_URL_TEMPLATE", "HF_HUB_CACHE")},
+        "HF_HUB_OFFLINE": constants.HF_HUB_OFFLINE,
+        "HfApi()": HfApi().endpoint,
+        "hf_api.api": hf_api.api.endpoint,
+        "transformers hf_api()": transformers_hf_api().endpoint,
+    }
+
+
+def test_settings_are_restored_after_the_fixture(loopback_hub, tmp_path):
+    before = hub_settings()
+    with pytest.MonkeyPatch.context() as monkeypatch, loopback_hub(tmp_path / "hf_home", monkeypatch) as server:
+        during = hub_settings()
+        assert before["ENDPOINT"] != server.url
+        assert during["ENDPOINT"] == during["HfApi()"] == during["transformers hf_api()"] == server.url
+        assert during["hf_api.api"] == during["env HF_ENDPOINT"] == server.url
+        assert during["HUGGINGFACE_CO_URL_TEMPLATE"].startswith(server.url)
+        assert during["HF_HUB_OFFLINE"] is False and during["env HF_HUB_CACHE"] == str(tmp_path / "hf_home" / "hub")
+    assert hub_settings() == before
+    # And the suite's own settings hold: offline, the default endpoint, the clients agree with the variables.
+    assert os.environ.get("HF_ENDPOINT", constants._HF_DEFAULT_ENDPOINT).rstrip("/") == constants.ENDPOINT
     assert (os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES) == constants.HF_HUB_OFFLINE

@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,9 +71,24 @@ def test_weighted_total_subtracts_separation():
         weighted_total({"l1": torch.tensor(1.0)}, LossWeights(l1=0.0))
 
 
-def test_orthogonality_gram_form_is_cheap_at_the_cub_setting():
+def official_orthogonality(slot_logits: torch.Tensor) -> torch.Tensor:
+    """The official form: cosines of the broadcast (C, P, S, S) pairs over P, summed, / (C·S) − 1 (float64)."""
+    theta = slot_logits.double()
+    num_classes, _, num_slots = theta.shape
+    cosines = F.cosine_similarity(theta.unsqueeze(2), theta.unsqueeze(-1), dim=1)  # (C, S, S)
+    return cosines.sum() / (num_classes * num_slots) - 1
+
+
+def test_orthogonality_gram_form_matches_the_official_formula_at_the_cub_setting():
     # The Gram form never materialises the (C, P, S, S) tensor of the official code: check the value at full size.
     torch.manual_seed(0)
     logits = torch.nn.init.xavier_normal_(torch.empty(200, 202, 10))
-    value = orthogonality_loss(logits).item()
-    assert math.isfinite(value) and abs(value) < 0.05
+    expected = official_orthogonality(logits).item()
+    assert abs(expected) > 1e-4  # random slots are not exactly orthogonal: a term stuck at 0 fails below
+    # 200·10·10 cosines summed in float32, each off by a few ulps, then divided by C·S = 2000.
+    assert orthogonality_loss(logits).item() == pytest.approx(expected, rel=0, abs=1e-5)
+    # Known values: identical slots give S − 1; slots on disjoint prototypes give 0 (only the diagonal is left).
+    same = torch.rand(3, 7, 1).expand(3, 7, 4)
+    assert orthogonality_loss(same).item() == pytest.approx(3.0, abs=1e-5)
+    disjoint = torch.eye(7)[:, :4].expand(3, 7, 4)
+    assert orthogonality_loss(disjoint).item() == pytest.approx(0.0, abs=1e-6)

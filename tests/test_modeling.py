@@ -23,9 +23,21 @@ def tiny_model(backbone="test_resnet", **overrides):
     return ProtoPoolForImageClassification(ProtoPoolConfig(backbone=backbone, **{**TINY, **overrides}))
 
 
+def parametrized_backbones(test) -> list[str]:
+    """The `backbone` values a test is parametrized with (plain values or `pytest.param`s)."""
+    marks = [m for m in test.pytestmark if m.name == "parametrize" and m.args[0] == "backbone"]
+    return [value.values[0] if hasattr(value, "values") else value for mark in marks for value in mark.args[1]]
+
+
 def test_every_timm_test_model_is_covered():
-    assert len(TEST_BACKBONES) == 18
-    assert {"test_mambaout", "test_vit", "test_vit_relpos", "test_convnext"} <= set(TEST_BACKBONES)
+    # Whatever this timm version lists (18 in timm 1.0.x), every one runs through the per-backbone tests.
+    listed = timm.list_models("test_*")
+    assert {"test_resnet", "test_mambaout", "test_vit", "test_vit_relpos", "test_convnext"} <= set(listed)
+    for test in (
+        test_any_timm_backbone_trains_saves_and_reloads,
+        test_leading_stages_are_exactly_what_each_stage_map_depends_on,
+    ):
+        assert sorted(parametrized_backbones(test)) == sorted(listed), test.__name__
 
 
 @pytest.mark.parametrize("backbone", TEST_BACKBONES)
@@ -77,12 +89,15 @@ def test_leading_stages_are_exactly_what_each_stage_map_depends_on(backbone):
     model = tiny_model(backbone)
     net = model.backbone
     params = dict(net.named_parameters())
-    for stages in range(1, len(net.feature_info) + 1):
-        net.zero_grad()
-        maps = net.forward_intermediates(
-            torch.randn(2, *model.config.input_size), indices=[stages - 1], intermediates_only=True
-        )
-        maps[-1].sum().backward()
+    # One forward pass for all stage maps, one backward pass per map.
+    num_stages = len(net.feature_info)
+    maps = net.forward_intermediates(
+        torch.randn(2, *model.config.input_size), indices=list(range(num_stages)), intermediates_only=True
+    )
+    assert len(maps) == num_stages
+    for stages in range(1, num_stages + 1):
+        net.zero_grad(set_to_none=True)
+        maps[stages - 1].sum().backward(retain_graph=stages < num_stages)
         used = [name for name, param in params.items() if param.grad is not None]
         assert leading_stage_parameters(net, stages) == used, f"{backbone}: stages 0..{stages - 1}"
     assert leading_stage_parameters(net, 0) == []
@@ -101,6 +116,10 @@ def test_model_builds_under_no_grad():
     with torch.no_grad():
         model = tiny_model("test_convnext")
     assert isinstance(model.backbone.head, torch.nn.Identity)
+    # Built under no_grad, the weights are still trainable leaves: a training step reaches every one of them.
+    assert all(p.requires_grad and p.is_leaf for p in model.parameters())
+    model.train()(torch.randn(2, 3, 160, 160), labels=torch.tensor([0, 1])).loss.backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
 
 
 def test_batch_size_one():
@@ -308,9 +327,30 @@ def test_bf16_autocast_logits_match_float32():
     torch.testing.assert_close(mixed.logits, reference, atol=1e-2, rtol=0)
 
 
-def test_activation_checkpointing_runs():
-    model = tiny_model("test_convnext").train()
-    model.activation_checkpointing_enable()
-    assert all(stage.grad_checkpointing for stage in model.backbone.stages)
-    model(torch.randn(2, 3, 160, 160), labels=torch.tensor([0, 1])).loss.backward()
-    assert model.head.prototypes.grad is not None
+def test_activation_checkpointing_recomputes_the_stages_and_gives_the_same_gradients():
+    x, labels = torch.randn(2, 3, 160, 160), torch.tensor([0, 1])
+    runs = {}
+    for checkpointing in (False, True):
+        model = tiny_model("test_convnext").train()
+        if checkpointing:
+            model.activation_checkpointing_enable()  # the stock transformers 5 switch
+            assert model.is_activation_checkpointing
+            assert all(stage.grad_checkpointing for stage in model.backbone.stages)
+        calls = []
+        conv = next(m for m in model.backbone.stages[1].blocks.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        torch.manual_seed(1)  # the same Gumbel noise in both runs
+        loss = model(x, labels=labels).loss
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        runs[checkpointing] = loss.detach(), grads, len(calls)
+    (loss, grads, calls), (loss_ckpt, grads_ckpt, calls_ckpt) = runs[False], runs[True]
+    # Checkpointing runs the blocks' layers again during backward, and changes nothing else.
+    assert calls == 1 and calls_ckpt == 2
+    model.activation_checkpointing_disable()
+    assert not model.is_activation_checkpointing and not any(s.grad_checkpointing for s in model.backbone.stages)
+    assert grads.keys() == grads_ckpt.keys() and "head.prototypes" in grads and len(grads) > 10
+    # Same batch, same kernels, the forward recomputed: equal to float32 rounding.
+    torch.testing.assert_close(loss_ckpt, loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -23,6 +24,7 @@ def run(output_dir: Path, *options: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # three fresh training processes: 21 s on a 2-core machine
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path):
     reference = run(tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr[-5000:]

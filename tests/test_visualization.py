@@ -237,10 +237,39 @@ def test_crop_is_the_source_photo_at_the_recorded_location(projected, dataset, p
         assert pic.classes == [p % 4]
 
 
+# The 1-D bicubic kernel (a = −0.75) has weights of absolute sum at most 1.375, so an upsampled pixel moves by at most
+# 1.375² times the largest move of the map cells it mixes.
+BICUBIC_GAIN = 1.375**2
+
+
+def activation_slack(alone: torch.Tensor, batched: torch.Tensor, epsilon: float) -> float:
+    """How far φ(d), upsampled, may move when the distances `(H, W)` move from `batched` to `alone` by rounding.
+
+    A conv or matrix-multiply kernel may round differently for another batch size (its choice depends on N·H·W and
+    the CPU), moving d by Δd. φ'(d) = 1/(d + 1) − 1/(d + ε) is up to 1/ε near d = 0 (at a prototype's own patch), so
+    φ moves by at most Δd/(d − Δd + ε) (and never more than its range log(1/ε)).
+    """
+    change = float((alone - batched).abs().max())
+    assert change <= 1e-5 * (1 + float(batched.abs().max()))  # the distances themselves agree to float32 rounding
+    room = (batched - change + epsilon).clamp_min(1e-30)
+    per_cell = (change / room).clamp_max(math.log(1 / epsilon))
+    return BICUBIC_GAIN * float(per_cell.max()) + 1e-5
+
+
 def test_render_prototype_matches_the_batched_render(projected, dataset, pictures):
     single = viz.render_prototype(projected, dataset, 6)
-    assert single.box == pictures[6].box
-    np.testing.assert_allclose(single.activation, pictures[6].activation, atol=1e-5)
+    # Like with like: one image per forward pass gives the same numbers bit for bit.
+    one_by_one = viz.render_prototypes(projected, dataset, batch_size=1)
+    assert single.box == one_by_one[6].box
+    np.testing.assert_array_equal(single.activation, one_by_one[6].activation)
+    # The batch of 4 (`pictures`) may round the distances differently: equal up to what float32 rounding allows.
+    pixels = torch.cat([viz.preprocess(dataset[i]["image"], projected.config) for i in range(len(dataset))])
+    with torch.no_grad():
+        batched = projected.prototype_distances(pixels)[SOURCES[6][0], 6]
+        alone = projected.prototype_distances(pixels[SOURCES[6][0]][None])[0, 6]
+    slack = activation_slack(alone, batched, projected.config.similarity_epsilon)
+    np.testing.assert_allclose(single.activation, pictures[6].activation, rtol=0, atol=slack)
+    assert single.distance == pytest.approx(pictures[6].distance, abs=1e-5)
 
 
 def test_rows_are_found_through_the_index_column(projected, dataset):

@@ -14,6 +14,10 @@ kept on the device without host synchronisation. Under DDP each process scans it
 dataset, the per-prototype winners are gathered, and every process keeps the same overall winner: the prototypes
 end identical on every process and equal to a single-process run.
 
+Where each prototype came from is saved with the model through `protopool_hf.provenance` (a [`ProjectionResult`] is
+a `Provenance`), under the dataset's name (`provenance.dataset_name`, e.g. `"cub200/train"`), so that its pictures
+can be redrawn later. Reading and checking the input batches is `protopool_hf.projection_data`'s job.
+
 Prototypes that no slot uses have no candidates. They are reported in [`ProjectionResult.unused`] and left as they
 were (the official code zeroes them); once the assignment is hard they take no part in any prediction, and
 [`prune_unused_prototypes`] removes them from the model.

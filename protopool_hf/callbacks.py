@@ -405,7 +405,7 @@ class ProjectionCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kwargs: Any
     ) -> None:
         """Check the dataset's first example now, so a wrong format fails before the first step, not at the end."""
-        from .projection import check_projection_data
+        from .projection_data import check_projection_data
 
         check_projection_data(_require_protopool(model, type(self).__name__), self.dataset)
 

@@ -48,6 +48,7 @@ from huggingface_hub.utils import yaml_dump
 
 from .configuration_protopool import ProtoPoolConfig
 from .provenance import Provenance, read_provenance
+from .torch_utils import evaluating
 
 
 __all__ = [
@@ -821,14 +822,8 @@ def _feature_grid(model: torch.nn.Module) -> str:
     """`"H×W"` of the latent map for one input of the configured size (one forward of the backbone, in eval mode)."""
     _, height, width = model.config.data_config()["input_size"]
     parameter = next(model.parameters())
-    modes = {module: module.training for module in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            feature_map = model.feature_map(torch.zeros(1, 3, height, width, device=parameter.device))
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    with evaluating(model):
+        feature_map = model.feature_map(torch.zeros(1, 3, height, width, device=parameter.device))
     return f"{feature_map.shape[-2]}×{feature_map.shape[-1]}"
 
 

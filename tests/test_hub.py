@@ -51,6 +51,8 @@ CODE = {
     "losses.py",
     "backbone.py",
     "preprocessing.py",
+    "provenance.py",
+    "torch_utils.py",
 }
 MODEL_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", *CODE}
 PICTURES = {0, 1, 2, 3, 5}

@@ -152,7 +152,7 @@ def linear_step(model: Any, optimizer: torch.optim.Optimizer, x: torch.Tensor, y
 
 def joint_optimizer(model: Any, lr: float = 1e-3) -> torch.optim.Optimizer:
     """The official joint-phase Adam (backbone lr/10, head 3·lr; the last layer frozen)."""
-    from protopool_hf.training import protopool_param_groups
+    from protopool_hf.phases import protopool_param_groups
 
     return torch.optim.Adam(protopool_param_groups(model, lr, "joint"))
 
@@ -303,7 +303,6 @@ class OfficialStep:
 # --------------------------------------------------------------------------- head
 def bench_head(args: argparse.Namespace) -> dict[str, Any]:
     """Head + loss forward/backward against the official code, and whole training steps against a linear head."""
-    from protopool_hf.layers import ProtoPoolHead
     from protopool_hf.losses import (
         LossWeights,
         cluster_loss,
@@ -312,6 +311,7 @@ def bench_head(args: argparse.Namespace) -> dict[str, Any]:
         separation_loss,
         weighted_total,
     )
+    from protopool_hf.modeling_protopool import ProtoPoolHead
 
     torch.set_num_threads(args.threads)
     repeats = 5 if args.quick else args.repeats

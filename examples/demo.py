@@ -206,7 +206,8 @@ def save_demo_model_folder(
 def run_protopool(settings: DemoSettings, output_dir: Path, save_pictures: bool = True) -> dict[str, Any]:
     """Train with `train_protopool`, evaluate on the test split, write the model folder, pictures and metrics."""
     from protopool_hf import ProtoPoolForImageClassification
-    from protopool_hf.training import ProtoPoolRecipe, train_protopool
+    from protopool_hf.recipe import ProtoPoolRecipe
+    from protopool_hf.training import train_protopool
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -290,7 +291,7 @@ def write_outputs(
     """The model folder (weights, card, prototype pictures), explanations of test images, a reload check."""
     from transformers import AutoModelForImageClassification
 
-    from protopool_hf.explain import explain
+    from protopool_hf import explain
 
     start = time.perf_counter()
     folder = output_dir / "model"

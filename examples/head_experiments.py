@@ -84,7 +84,7 @@ def cache(args: argparse.Namespace) -> None:
         with torch.no_grad():
             for batch in torch.utils.data.DataLoader(data, batch_size=250, collate_fn=collate_fn):
                 pixels = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
-                features.append(model.feature_map(pixels).contiguous().half())
+                features.append(model.forward_features(pixels).contiguous().half())
                 labels.append(batch["labels"])
         out[split] = (torch.cat(features), torch.cat(labels))
         print(f"{split}: {tuple(out[split][0].shape)} in {time.perf_counter() - start:.0f} s", flush=True)
@@ -95,8 +95,9 @@ def cache(args: argparse.Namespace) -> None:
 def run_head(features: dict, settings: HeadSettings) -> dict:
     """Train, project and fine-tune one ProtoPool head on cached features; return the test accuracies."""
     from protopool_hf.callbacks import gumbel_scale_at
-    from protopool_hf.layers import ProtoPoolHead, squared_l2_distances
+    from protopool_hf.layers import squared_l2_distances
     from protopool_hf.losses import LossWeights, all_loss_terms, l1_off_class_loss, weighted_total
+    from protopool_hf.modeling_protopool import ProtoPoolHead
 
     s = settings
     torch.manual_seed(s.seed)

@@ -14,8 +14,8 @@ with the box of its top 5 % pixels) next to the prototype's own pictures. With a
 slot mixes prototypes; the map shown is the dominant prototype's.
 
 The preprocessing follows the stock transformers processor that `preprocessor_config.json` names (PIL backend):
-`ConvNextImageProcessorPil` resizes the shortest edge to `shortest_edge / crop_pct` (below 384 px) and crops the
-centre, `ViTImageProcessorPil` resizes to height × width; then rescale to [0, 1] and normalise.
+`BitImageProcessor` (what `save_pretrained` writes) resizes to `size` (height × width, or the shorter side to
+`shortest_edge`), crops the centre `crop_size` with a floored offset; then rescale to [0, 1] and normalise.
 """
 
 import argparse
@@ -59,32 +59,48 @@ def _resize(image: PIL.Image.Image, height: int, width: int, resample: int) -> P
 
 
 def model_view(image: PIL.Image.Image, processor: dict[str, Any]) -> PIL.Image.Image:
-    """The RGB image the model sees, before rescaling and normalisation: the processor's resize and centre crop."""
+    """The RGB image the model sees, before rescaling and normalisation: the processor's resize and centre crop.
+
+    Follows transformers' semantics for the fields `save_pretrained` writes (`BitImageProcessor`): `size` as height and
+    width, or as `shortest_edge` (the shorter side resized to it, the longer one `int(edge * long / short)`); then, with
+    `do_center_crop`, the centre `crop_size` with a floored offset. Folders saved by older versions
+    (`ConvNextImageProcessor` with `crop_pct`, `ViTImageProcessor`) are followed too.
+    """
     image = image.convert("RGB")
-    if not processor.get("do_resize", True):
-        return image
-    size, resample = processor["size"], int(processor.get("resample", 3))
+    size, resample = processor.get("size", {}), int(processor.get("resample", 3))
     kind = processor.get("image_processor_type", "")
-    if "shortest_edge" in size and kind.startswith("ConvNextImageProcessor"):
+    if kind.startswith("ConvNextImageProcessor") and "shortest_edge" in size:
         edge = int(size["shortest_edge"])
         if edge >= 384:  # transformers' ConvNeXt processor warps to a square at 384 px and above
             return _resize(image, edge, edge, resample)
-        short = int(edge / float(processor.get("crop_pct", 224 / 256)))
-        width, height = image.size
-        if width <= height:
-            new_w, new_h = short, int(short * height / width)
+        image = _resize_shortest_edge(image, int(edge / float(processor.get("crop_pct", 224 / 256))), resample)
+        return _centre_crop(image, edge, edge)
+    if processor.get("do_resize", True):
+        if "height" in size and "width" in size:
+            image = _resize(image, int(size["height"]), int(size["width"]), resample)
+        elif "shortest_edge" in size:
+            image = _resize_shortest_edge(image, int(size["shortest_edge"]), resample)
         else:
-            new_w, new_h = int(short * width / height), short
-        resized = _resize(image, new_h, new_w, resample)
-        top, left = (new_h - edge) // 2, (new_w - edge) // 2
-        return resized.crop((left, top, left + edge, top + edge))
-    if "height" in size and "width" in size:
-        return _resize(image, int(size["height"]), int(size["width"]), resample)
-    raise ValueError(
-        f"preprocessor_config.json: image_processor_type {kind!r} with size {size} is not one this script follows "
-        "(ConvNextImageProcessor with shortest_edge, or a processor with height and width): re-save the model folder "
-        "with protopool_hf (save_pretrained writes a supported one)."
-    )
+            raise ValueError(
+                f"preprocessor_config.json: size {size} of image_processor_type {kind!r} is not one this script "
+                "follows (height and width, or shortest_edge): re-save the model folder with protopool_hf."
+            )
+    if processor.get("do_center_crop", False):
+        crop = processor["crop_size"]
+        image = _centre_crop(image, int(crop["height"]), int(crop["width"]))
+    return image
+
+
+def _resize_shortest_edge(image: PIL.Image.Image, edge: int, resample: int) -> PIL.Image.Image:
+    width, height = image.size
+    if width <= height:
+        return _resize(image, int(edge * height / width), edge, resample)
+    return _resize(image, edge, int(edge * width / height), resample)
+
+
+def _centre_crop(image: PIL.Image.Image, height: int, width: int) -> PIL.Image.Image:
+    top, left = (image.height - height) // 2, (image.width - width) // 2
+    return image.crop((left, top, left + width, top + height))
 
 
 def preprocess(image: PIL.Image.Image, processor: dict[str, Any]) -> tuple[np.ndarray, PIL.Image.Image]:

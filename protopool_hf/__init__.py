@@ -19,38 +19,46 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .callbacks import GumbelScheduleCallback, ProjectionCallback, WarmupCallback
+    from .card import render_model_card
     from .configuration_protopool import PRESETS, ProtoPoolConfig, __version__
     from .convert import convert_original_checkpoint
-    from .explain import Explanation, explain
+    from .explanation import Explanation, explain
     from .export import export_onnx
-    from .hub import push_to_hub, render_model_card, save_model_folder
+    from .hub import push_to_hub, save_model_folder
+    from .interpretability import evaluate_interpretability
+    from .metrics import InterpretabilityReport
     from .modeling_protopool import ProtoPoolForImageClassification, ProtoPoolOutput, ProtoPoolPreTrainedModel
+    from .phases import protopool_param_groups
     from .projection import ProjectionResult, project_prototypes
-    from .training import ProtoPoolRecipe, ProtoPoolTrainer, protopool_param_groups, train_protopool
+    from .recipe import ProtoPoolRecipe
+    from .trainer import ProtoPoolTrainer
+    from .training import train_protopool
 
 # Public name -> the module that defines it, imported on first access.
 _EXPORTS = {
     "GumbelScheduleCallback": "callbacks",
     "ProjectionCallback": "callbacks",
     "WarmupCallback": "callbacks",
+    "render_model_card": "card",
     "PRESETS": "configuration_protopool",
     "ProtoPoolConfig": "configuration_protopool",
     "__version__": "configuration_protopool",
     "convert_original_checkpoint": "convert",
-    "Explanation": "explain",
-    "explain": "explain",
+    "Explanation": "explanation",
+    "explain": "explanation",
     "export_onnx": "export",
     "push_to_hub": "hub",
-    "render_model_card": "hub",
     "save_model_folder": "hub",
+    "evaluate_interpretability": "interpretability",
+    "InterpretabilityReport": "metrics",
     "ProtoPoolForImageClassification": "modeling_protopool",
     "ProtoPoolOutput": "modeling_protopool",
     "ProtoPoolPreTrainedModel": "modeling_protopool",
+    "protopool_param_groups": "phases",
     "ProjectionResult": "projection",
     "project_prototypes": "projection",
-    "ProtoPoolRecipe": "training",
-    "ProtoPoolTrainer": "training",
-    "protopool_param_groups": "training",
+    "ProtoPoolRecipe": "recipe",
+    "ProtoPoolTrainer": "trainer",
     "train_protopool": "training",
 }
 

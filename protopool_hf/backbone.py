@@ -30,6 +30,7 @@ __all__ = [
     "feature_channels",
     "leading_stage_parameters",
     "set_backbone_data_config",
+    "timm_pretrained_cfg",
 ]
 
 
@@ -134,6 +135,7 @@ def leading_stage_parameters(model: nn.Module, num_stages: int) -> list[str]:
         >>> names = leading_stage_parameters(backbone, 1)  # the stem: stage 0 of a ResNet is its stem's activation
         >>> names[0], names[-1], len(names)
         ('conv1.0.weight', 'bn1.bias', 9)
+
         ```
     """
     stages = len(model.feature_info)
@@ -184,6 +186,31 @@ def set_backbone_data_config(model: nn.Module, data_config: dict[str, Any]) -> d
     model.pretrained_cfg = cfg
     model.default_cfg = cfg
     return dict(cfg)
+
+
+def timm_pretrained_cfg(backbone: nn.Module, data_config: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    """The timm pretrained config of a ProtoPool model: its backbone's, with the model's preprocessing.
+
+    `timm.data.resolve_data_config(model=model)` and `timm.data.resolve_model_data_config(model)` read it, so they
+    return the model's input size, mean, std, interpolation, crop_pct and crop_mode (not timm's ImageNet defaults).
+    It also brings `backbone.pretrained_cfg` in step with `data_config` (see `set_backbone_data_config`): the
+    backbone's test-time size and crop are dropped, the model's preprocessing is the only one.
+
+    Args:
+        backbone: the model's backbone, from `create_backbone`.
+        data_config: the model's timm data config (`ProtoPoolConfig.data_config()`).
+        num_classes: C, the model's classes.
+
+    Returns:
+        The config, with the model's classifier (`head.last_layer`) and the backbone's first convolution.
+    """
+    backbone_cfg = set_backbone_data_config(backbone, data_config)
+    return {
+        **backbone_cfg,
+        "num_classes": num_classes,
+        "classifier": "head.last_layer",
+        "first_conv": f"backbone.{first_conv}" if (first_conv := backbone_cfg.get("first_conv")) else None,
+    }
 
 
 def backbone_feature_map(

@@ -1,19 +1,20 @@
 """Trainer callbacks for ProtoPool: the Gumbel assignment schedule, the frozen-backbone guard, projection.
 
 Callbacks see the `TrainerState` and the (unwrapped) model, never the outputs of a step: the mixup and the per-term
-loss logging live in `protopool_hf.training.ProtoPoolTrainer`.
+loss logging live in `protopool_hf.trainer.ProtoPoolTrainer`.
 
 Everything here is derived from `TrainerState` (its `epoch`, `global_step`, `max_steps`), so a run resumed from a
 checkpoint sets exactly the values an uninterrupted run would have had. Under DDP every process runs every callback
 on its own replica with the same state, so the replicas stay equal.
 
 Why the official warm-up is run as separate `Trainer` phases and not by one callback that unfreezes the backbone
-(DESIGN.md §4): toggling `requires_grad` after `Trainer` has wrapped the model in `DistributedDataParallel` crashes
+: toggling `requires_grad` after `Trainer` has wrapped the model in `DistributedDataParallel` crashes
 (the reducer's buckets were built for the old set of parameters), and freezing before the wrap then unfreezing later
 trains the backbone without ever all-reducing its gradients, so the replicas drift apart. `protopool_hf.training`
 therefore freezes the backbone before the warm-up `Trainer` exists and starts a fresh `Trainer` (fresh DDP wrapper,
-fresh optimizer) for the joint phase. [`WarmupCallback`] is the guard of a frozen-backbone phase: it checks the
-freeze when training starts and can keep the frozen backbone's BatchNorm statistics fixed.
+fresh optimizer) for the joint phase. [`FrozenBackboneCallback`] is the guard of a frozen-backbone phase (the
+warm-up, whose guard is [`WarmupCallback`], and last-layer fine-tuning): it checks the freeze when training starts
+and can keep the frozen backbone's BatchNorm statistics fixed.
 """
 
 import math
@@ -24,12 +25,12 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .modeling_protopool import GumbelScheduleWarning
+from .gumbel import GumbelScheduleWarning
 
 
 __all__ = [
+    "FrozenBackboneCallback",
     "GumbelScheduleCallback",
-    "GumbelScheduleWarning",
     "ProjectionCallback",
     "SetEpochCallback",
     "WarmupCallback",
@@ -55,6 +56,7 @@ def gumbel_scale_at(epoch: float, scale_max: float, num_epochs: int) -> float:
         >>> from protopool_hf.callbacks import gumbel_scale_at
         >>> round(gumbel_scale_at(0, 1000.0, 30), 1), gumbel_scale_at(29, 1000.0, 30)
         (182.6, 1000.0)
+
         ```
     """
     if epoch < 0:
@@ -127,6 +129,7 @@ class GumbelScheduleCallback(TrainerCallback):
         >>> _ = callback.on_epoch_begin(TrainingArguments("out", use_cpu=True), state, TrainerControl(), model=model)
         >>> round(model.gumbel_scale, 1)  # e = 9: 1000 * sqrt(10 / 30)
         577.4
+
         ```
     """
 
@@ -178,11 +181,11 @@ def _eval_mode_hook(module: torch.nn.Module, args: Any) -> None:
     module.training = False
 
 
-class WarmupCallback(TrainerCallback):
-    """Guard of a phase whose backbone is frozen (the warm-up; also last-layer fine-tuning).
+class FrozenBackboneCallback(TrainerCallback):
+    """Guard of a phase whose backbone is frozen: the warm-up ([`WarmupCallback`]) and last-layer fine-tuning.
 
-    The backbone must be frozen *before* the `Trainer` wraps the model (`protopool_hf.training.set_trainable(model,
-    "warmup")`, or `ProtoPoolTrainer(phase="warmup")`): when training starts, this callback checks that no backbone
+    The backbone must be frozen *before* the `Trainer` wraps the model (`protopool_hf.phases.set_trainable(model,
+    phase)`, or `ProtoPoolTrainer(phase=phase)`): when training starts, this callback checks that no backbone
     parameter requires a gradient or sits in the optimizer, and raises otherwise. It never toggles `requires_grad`
     itself, which is unsafe once DDP has wrapped the model (see the module docstring).
 
@@ -192,6 +195,7 @@ class WarmupCallback(TrainerCallback):
     backbones are often called through methods such as `forward_intermediates` that bypass the root's hooks.
 
     Args:
+        phase: the frozen-backbone phase it guards, "warmup" or "finetune" (named in its errors).
         freeze_batchnorm: keep the frozen backbone in eval mode, its BatchNorm statistics unchanged.
 
     Example:
@@ -199,22 +203,29 @@ class WarmupCallback(TrainerCallback):
         >>> import torch
         >>> from transformers import TrainerControl, TrainerState, TrainingArguments
         >>> from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
-        >>> from protopool_hf.callbacks import WarmupCallback
-        >>> from protopool_hf.training import set_trainable
+        >>> from protopool_hf.callbacks import FrozenBackboneCallback
+        >>> from protopool_hf.phases import set_trainable
         >>> config = ProtoPoolConfig(backbone="test_resnet", num_labels=2, num_prototypes=4, num_slots_per_class=2)
         >>> model = ProtoPoolForImageClassification(config)
-        >>> set_trainable(model, "warmup")
-        >>> callback = WarmupCallback(freeze_batchnorm=True)
+        >>> model.harden_assignment()  # fine-tuning follows the projection, which hardens the assignment
+        >>> set_trainable(model, "finetune")
+        >>> callback = FrozenBackboneCallback("finetune", freeze_batchnorm=True)
         >>> args, state, control = TrainingArguments("out", use_cpu=True), TrainerState(), TrainerControl()
         >>> _ = callback.on_train_begin(args, state, control, model=model)
         >>> _ = model.train()(torch.randn(2, 3, 160, 160))
         >>> [m.training for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)][:3]
         [False, False, False]
         >>> _ = callback.on_train_end(args, state, control, model=model)
+
         ```
     """
 
-    def __init__(self, freeze_batchnorm: bool = False) -> None:
+    def __init__(self, phase: str = "warmup", freeze_batchnorm: bool = False) -> None:
+        if phase not in ("warmup", "finetune"):
+            raise ValueError(
+                f"{type(self).__name__} guards a frozen-backbone phase, 'warmup' or 'finetune'; got {phase!r}."
+            )
+        self.phase = phase
         self.freeze_batchnorm = freeze_batchnorm
         self._hooks: list[Any] = []
 
@@ -232,18 +243,18 @@ class WarmupCallback(TrainerCallback):
         trainable = [name for name, p in model.backbone.named_parameters() if p.requires_grad]
         if trainable:
             raise ValueError(
-                f"WarmupCallback: {len(trainable)} backbone parameters require gradients (e.g. backbone."
+                f"{type(self).__name__}: {len(trainable)} backbone parameters require gradients (e.g. backbone."
                 f"{trainable[0]}). Freeze the backbone before creating the Trainer, with "
-                "protopool_hf.training.set_trainable(model, 'warmup') or ProtoPoolTrainer(phase='warmup'): toggling "
-                "requires_grad after the Trainer has wrapped the model in DDP is unsafe."
+                f"protopool_hf.phases.set_trainable(model, {self.phase!r}) or ProtoPoolTrainer(phase={self.phase!r}): "
+                "toggling requires_grad after the Trainer has wrapped the model in DDP is unsafe."
             )
         if optimizer is not None:
             backbone_ids = {id(p) for p in model.backbone.parameters()}
             optimized = [p for group in optimizer.param_groups for p in group["params"] if id(p) in backbone_ids]
             if optimized:
                 raise ValueError(
-                    f"WarmupCallback: the optimizer holds {len(optimized)} backbone parameters during a "
-                    "frozen-backbone phase; build it from protopool_param_groups(model, lr, 'warmup')."
+                    f"{type(self).__name__}: the optimizer holds {len(optimized)} backbone parameters during a "
+                    f"frozen-backbone phase; build it from protopool_param_groups(model, lr, {self.phase!r})."
                 )
         self._remove_hooks()
         if self.freeze_batchnorm:
@@ -260,6 +271,32 @@ class WarmupCallback(TrainerCallback):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+
+class WarmupCallback(FrozenBackboneCallback):
+    """Guard of the warm-up, whose backbone is frozen: a [`FrozenBackboneCallback`] for phase "warmup".
+
+    Args:
+        freeze_batchnorm: keep the frozen backbone in eval mode during the warm-up, its BatchNorm statistics
+            unchanged (the official code lets them update: the default).
+
+    Example:
+        ```python
+        >>> from transformers import TrainerControl, TrainerState, TrainingArguments
+        >>> from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
+        >>> from protopool_hf.callbacks import WarmupCallback
+        >>> config = ProtoPoolConfig(backbone="test_resnet", num_labels=2, num_prototypes=4, num_slots_per_class=2)
+        >>> model = ProtoPoolForImageClassification(config)  # backbone not frozen: the warm-up would train it
+        >>> args, state, control = TrainingArguments("out", use_cpu=True), TrainerState(), TrainerControl()
+        >>> WarmupCallback().on_train_begin(args, state, control, model=model)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: WarmupCallback: ... backbone parameters require gradients ...
+
+        ```
+    """
+
+    def __init__(self, freeze_batchnorm: bool = False) -> None:
+        super().__init__("warmup", freeze_batchnorm=freeze_batchnorm)
 
 
 def _find_epoch_setter(target: Any) -> Any:
@@ -293,6 +330,7 @@ class SetEpochCallback(TrainerCallback):
         >>> _ = callback.on_epoch_begin(args, TrainerState(epoch=2.0), control)
         >>> transform.epoch
         11
+
         ```
     """
 
@@ -364,6 +402,7 @@ class ProjectionCallback(TrainerCallback):
         >>> _ = callback.on_train_end(args, state, control, model=model)
         >>> model.is_assignment_hard, callback.result.image_index.tolist() == model.head.projection_image_index.tolist()
         (True, True)
+
         ```
     """
 

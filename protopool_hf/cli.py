@@ -1,4 +1,4 @@
-"""The `protopool-hf` command line: train | project | explain | push | convert | export.
+"""The `protopool-hf` command line: train | project | explain | evaluate | push | convert | export.
 
 Heavy libraries (torch, timm, transformers) are imported inside the subcommands, so `protopool-hf --help` answers at
 once (`import protopool_hf` is light too; it registers the Auto classes when transformers' are first imported). Every
@@ -11,6 +11,7 @@ Examples:
     protopool-hf train --dataset fashion-mnist --backbone resnet18 --output-dir runs/fmnist
     accelerate launch --multi_gpu --num_processes 2 examples/train.py --preset cub200 --dataset cub200 --data-root CUB_200_2011 --output-dir runs/cub
     protopool-hf explain runs/fmnist image.png --out explanation.png
+    protopool-hf evaluate runs/fmnist --dataset fashion-mnist
     protopool-hf push runs/fmnist my-org/protopool-fmnist
 """
 
@@ -36,6 +37,7 @@ from .cli_messages import (
 __all__ = ["build_parser", "main"]
 
 DATASETS = ("fashion-mnist", "cub200", "cars196", "folder")
+MASK_RULE_NAMES = ("fashion-mnist",)  # protopool_hf.metrics.MASK_RULES, named here to keep --help light
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--pretrained", action="store_true", help="start from timm's pretrained backbone weights")
     model.add_argument("--weights-file", type=Path, help="local pretrained backbone weights for timm (offline)")
     model.add_argument("--num-prototypes", type=int, help="P, the prototype pool size")
-    model.add_argument("--num-slots", type=int, help="S, slots per class")
+    model.add_argument("--num-slots", type=int, help="S, slots per class: sets num_slots_per_class")
     model.add_argument("--prototype-dim", type=int, help="D, prototype depth")
     model.add_argument("--feature-stage", type=int, help="use this backbone stage instead of the last map")
     model.add_argument("--image-size", type=int, help="square input size in pixels (default: timm's)")
@@ -112,7 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--batch-size", type=positive_int, default=80, help="per-device batch size")
     recipe.add_argument("--mixup-alpha", type=float, default=0.5, help="0 turns mixup off")
     recipe.add_argument("--gumbel-per-step", action="store_true", help="update the Gumbel scale every step")
-    recipe.add_argument("--augment", choices=("timm", "official"), default="timm", help="training augmentation")
+    recipe.add_argument(
+        "--augment",
+        dest="augmentation",
+        choices=("timm", "official"),
+        default="timm",
+        help="training augmentation (make_transforms' augmentation=)",
+    )
     recipe.add_argument("--val-fraction", type=float, default=0.1, help="validation split carved from training data")
     recipe.add_argument("--seed", type=int, default=0, help="seed of the data order, augmentation and initial weights")
     recipe.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader worker processes")
@@ -155,6 +163,38 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--json", action="store_true", help="also print the explanation as JSON (the slots of the --top-k classes)"
     )
+
+    evaluate = commands.add_parser(
+        "evaluate", parents=[debug], help="measure a model's interpretability and save interpretability.json"
+    )
+    evaluate.add_argument("model", help="model folder or Hub repo id")
+    evaluate.add_argument(
+        "--dataset", choices=DATASETS, required=True, help="which loader (its test split is evaluated)"
+    )
+    evaluate.add_argument(
+        "--data-root", type=Path, help="dataset folder (fashion-mnist: the idx files, default Debian's)"
+    )
+    evaluate.add_argument(
+        "--masks",
+        help="object masks of the evaluated images: a .npy / .npz file of booleans (N, H, W), or a rule: "
+        f"{', '.join(sorted(MASK_RULE_NAMES))} (raw pixel > 0; the default for --dataset fashion-mnist)",
+    )
+    evaluate.add_argument(
+        "--parts",
+        type=Path,
+        help="part keypoints: for cub200 the CUB_200_2011 folder (parts/part_locs.txt), else a JSON file with one "
+        "{part: [x, y]} object per evaluated image",
+    )
+    evaluate.add_argument("--out", type=Path, help="report file (default: interpretability.json in the model folder)")
+    evaluate.add_argument(
+        "--max-images", type=positive_int, default=100, help="images for the box, part and deletion metrics"
+    )
+    evaluate.add_argument("--limit", type=positive_int, help="evaluate only the first N test images")
+    evaluate.add_argument(
+        "--localisation", choices=("both", "upsampled", "gradient"), default="both", help="where a slot's box is"
+    )
+    evaluate.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing report (default: refuse)")
 
     push = commands.add_parser(
         "push", parents=[debug], help="push a model folder to the Hub in one commit, with pictures and card"
@@ -235,7 +275,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .configuration_protopool import ProtoPoolConfig
     from .hub import save_model_folder
     from .modeling_protopool import ProtoPoolForImageClassification
-    from .training import ProtoPoolRecipe, finish_distributed, split_train_validation, train_protopool
+    from .recipe import ProtoPoolRecipe
+    from .training import finish_distributed, split_train_validation, train_protopool
     from .transforms import collate_fn, make_transforms
 
     check_output_path("--output-dir", args.output_dir, folder=True)
@@ -292,7 +333,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train_protopool(
         model,
         train.with_transform(
-            make_transforms(config, train=True, recipe=args.augment, seed=args.seed, skip_bad_images=skip)
+            make_transforms(config, train=True, augmentation=args.augmentation, seed=args.seed, skip_bad_images=skip)
         ),
         val.with_transform(eval_transform) if len(val) else None,
         train.with_transform(eval_transform),
@@ -358,7 +399,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     """`protopool-hf explain`."""
     from transformers import AutoModelForImageClassification
 
-    from .explain import explain
+    from .explanation import explain
 
     check_model_source(args.model)
     check_image_file(args.image)
@@ -393,6 +434,64 @@ def _load_model(model_class: Any, model: str) -> Any:
             return model_class.from_pretrained(model)
     except OSError as error:
         raise model_load_error(model, error) from error
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """`protopool-hf evaluate`."""
+    check_model_source(args.model)
+    if args.out is None and not Path(args.model).expanduser().is_dir():
+        raise ValueError(f"MODEL {args.model!r} is no local folder: pass --out FILE for the report.")
+    out = args.out if args.out is not None else Path(args.model).expanduser() / "interpretability.json"
+    check_output_path("--out", out, folder=False)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{str(out)!r} already exists: pass --overwrite to replace it.")
+    masks: Any = args.masks or ("fashion-mnist" if args.dataset == "fashion-mnist" else None)
+    if masks is not None and masks not in MASK_RULE_NAMES:
+        from .metrics import load_masks
+
+        masks = load_masks(Path(masks), flag="--masks ")
+    if args.parts is not None and not args.parts.exists():
+        raise FileNotFoundError(f"--parts {str(args.parts)!r} does not exist: check the path.")
+    from transformers import AutoModelForImageClassification
+
+    from .interpretability import evaluate_interpretability
+
+    model = _load_model(AutoModelForImageClassification, args.model).eval()
+    train, test = load_splits(args.dataset, args.data_root)
+    dataset = test if test is not None else train
+    if args.limit is not None:
+        dataset = dataset.select(range(min(args.limit, len(dataset))))
+    parts = projection_parts = None
+    if args.parts is not None:
+        parts, projection_parts = _read_parts(args, len(dataset), test is not None)
+    report = evaluate_interpretability(
+        model,
+        dataset,
+        masks=masks,
+        parts=parts,
+        projection_dataset=train,
+        projection_parts=projection_parts,
+        max_images=args.max_images,
+        localisation=("upsampled", "gradient") if args.localisation == "both" else args.localisation,
+        batch_size=args.batch_size,
+        progress=True,
+    )
+    path = report.save(out, overwrite=args.overwrite)
+    from .metrics import report_card
+
+    print(report_card(report).markdown)
+    print(f"Interpretability report written to {path}")
+    return 0
+
+
+def _read_parts(args: argparse.Namespace, count: int, from_test: bool) -> tuple[Any, Any]:
+    """`--parts`: keypoints of the evaluated split and of the training split (None when not given)."""
+    from .parts import PartAnnotations, load_cub_parts
+
+    if args.dataset == "cub200":
+        split = "test" if from_test else "train"
+        return load_cub_parts(args.parts, split, limit=count), load_cub_parts(args.parts, "train")
+    return PartAnnotations.from_json(args.parts, limit=count), None
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -460,6 +559,7 @@ COMMANDS = {
     "train": cmd_train,
     "project": cmd_project,
     "explain": cmd_explain,
+    "evaluate": cmd_evaluate,
     "push": cmd_push,
     "convert": cmd_convert,
     "export": cmd_export,

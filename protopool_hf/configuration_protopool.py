@@ -116,7 +116,7 @@ class ProtoPoolConfig(PretrainedConfig):
 
     model_type = "protopool"
     # Extra output tensors stay out of `EvalPrediction.predictions`, so `compute_metrics` sees plain logits.
-    keys_to_ignore_at_inference = ["min_distances", "slot_assignment", "loss_terms", "similarities"]
+    keys_to_ignore_at_inference = ["min_distances", "slot_assignment", "loss_terms", "similarities", "distances"]
 
     def __init__(
         self,
@@ -391,11 +391,6 @@ class ProtoPoolConfig(PretrainedConfig):
             "crop_mode": self.crop_mode
             or (resolved["crop_mode"] if resolved["crop_mode"] in _CROP_MODES else "center"),
         }
-
-    @property
-    def slot_count(self) -> int:
-        """C·S, the number of inputs of the last layer."""
-        return self.num_labels * self.num_slots_per_class
 
 
 def _as_list(name: str, value: Any) -> list | None:

@@ -22,7 +22,6 @@ torch's default (dynamo) exporter needs `onnxscript` (the `onnx` extra: `pip ins
 import base64
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import write_file
 from .layers import log_similarity
-from .modeling_protopool import image_processor_dict
+from .preprocessing import image_processor_dict
 from .provenance import read_provenance
 from .torch_utils import evaluating
 
@@ -54,8 +54,8 @@ class _ExplainingGraph(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         head = self.model.head
-        out = head(self.model.feature_map(pixel_values))
-        activations = log_similarity(out.distances, head.epsilon)
+        out = head(self.model.forward_features(pixel_values))
+        activations = log_similarity(out.distances, head.similarity_epsilon)
         return out.logits, out.similarities, out.min_distances, activations
 
 
@@ -79,7 +79,7 @@ def onnx_metadata(model: nn.Module) -> dict[str, str]:
         "hard_assignment": bool(head.hard_assignment),
         "last_layer_weight": base64.b64encode(weight.tobytes()).decode("ascii"),
         "last_layer_shape": list(weight.shape),
-        "similarity_epsilon": float(head.epsilon),
+        "similarity_epsilon": float(head.similarity_epsilon),
         "prototype_labels": read_provenance(model).label.tolist(),
         "config": config.to_dict(),
     }
@@ -145,20 +145,12 @@ def export_onnx(
         f"ProtoPool ({config.backbone}, {config.num_prototypes} prototypes, {config.num_labels} classes, "
         f"{config.num_slots_per_class} slots per class): outputs {', '.join(OUTPUT_NAMES)}."
     )
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        program.save(temporary, external_data=False)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return path
+    return write_file(path, lambda temporary: program.save(str(temporary), external_data=False))
 
 
 def _check_exportable(model: nn.Module, path: Path, overwrite: bool) -> None:
     """Raise one clear error before any work: wrong model, unusable path, non-float32 weights, missing onnxscript."""
-    if not (hasattr(model, "head") and hasattr(model, "config") and hasattr(model, "feature_map")):
+    if not (hasattr(model, "head") and hasattr(model, "config") and hasattr(model, "forward_features")):
         raise ValueError(
             f"export_onnx needs a ProtoPoolForImageClassification, got {type(model).__name__}: load one with "
             "AutoModelForImageClassification.from_pretrained(folder)."

@@ -2,7 +2,7 @@
 
 Shape alphabet: N batch, C classes, P prototypes, S slots per class.
 
-Total loss (official code, notes §2): CE + 0.8·cluster − 0.08·separation + 1.0·orthogonality + 1e-4·L1, with every
+Total loss (official code, `main.py`): CE + 0.8·cluster − 0.08·separation + 1.0·orthogonality + 1e-4·L1, with every
 term computed as the official code computes it:
 
 - cluster: for each image, the S prototypes most assigned to its class (by Σ_s A[y, p, s], detached); the smallest
@@ -40,7 +40,20 @@ LOSS_TERM_NAMES = ("cross_entropy", "cluster", "separation", "orthogonality", "l
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights of the loss terms; the separation term is subtracted."""
+    """Weights of the loss terms; the separation term is subtracted.
+
+    The defaults are the official ones; a model's weights come from its config (`model.loss_weights`).
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from protopool_hf.losses import LossWeights, weighted_total
+        >>> terms = {"cross_entropy": torch.tensor(1.0), "separation": torch.tensor(2.0)}
+        >>> weighted_total(terms, LossWeights(separation=0.5))
+        tensor(0.)
+
+        ```
+    """
 
     cross_entropy: float = 1.0
     cluster: float = 0.8
@@ -55,34 +68,38 @@ def _masked_min(min_distances: torch.Tensor, scores: torch.Tensor, k: int) -> to
     return min_distances.gather(1, index).amin(dim=1).mean()
 
 
-def cluster_loss(min_distances: torch.Tensor, class_assignment: torch.Tensor, num_slots: int) -> torch.Tensor:
+def cluster_loss(
+    min_distances: torch.Tensor, class_assignment: torch.Tensor, num_slots_per_class: int
+) -> torch.Tensor:
     """Pull each image's closest patch towards one of the prototypes its class uses.
 
     Args:
         min_distances: `(N, P)` min squared distance of each prototype over the image.
         class_assignment: `(N, P, S)` the assignment of each image's class, `A[labels]`.
-        num_slots: S, how many of the most-assigned prototypes count as the class's own.
+        num_slots_per_class: S, how many of the most-assigned prototypes count as the class's own.
 
     Returns:
         Scalar loss.
     """
     scores = class_assignment.sum(dim=-1).detach()  # (N, P)
-    return _masked_min(min_distances, scores, num_slots)
+    return _masked_min(min_distances, scores, num_slots_per_class)
 
 
-def separation_loss(min_distances: torch.Tensor, class_assignment: torch.Tensor, num_slots: int) -> torch.Tensor:
+def separation_loss(
+    min_distances: torch.Tensor, class_assignment: torch.Tensor, num_slots_per_class: int
+) -> torch.Tensor:
     """The smallest distance to the P − S prototypes least used by each image's class (subtracted in the total).
 
     Args:
         min_distances: `(N, P)`.
         class_assignment: `(N, P, S)` the assignment of each image's class, `A[labels]`.
-        num_slots: S.
+        num_slots_per_class: S.
 
     Returns:
         Scalar loss.
     """
     scores = (1 - class_assignment).sum(dim=-1).detach()  # (N, P)
-    return _masked_min(min_distances, scores, min_distances.shape[1] - num_slots)
+    return _masked_min(min_distances, scores, min_distances.shape[1] - num_slots_per_class)
 
 
 def orthogonality_loss(slot_logits: torch.Tensor) -> torch.Tensor:
@@ -94,28 +111,28 @@ def orthogonality_loss(slot_logits: torch.Tensor) -> torch.Tensor:
     Returns:
         Scalar: Σ_c Σ_{i,j} cos(Θ[c, :, i], Θ[c, :, j]) / (C·S) − 1 (0 when every class's slots are orthogonal).
     """
-    num_classes, _, num_slots = slot_logits.shape
+    num_classes, _, num_slots_per_class = slot_logits.shape
     unit = slot_logits / slot_logits.norm(dim=1, keepdim=True).clamp_min(1e-8)
     gram = torch.einsum("cpi,cpj->cij", unit, unit)  # (C, S, S)
-    return gram.sum() / (num_classes * num_slots) - 1
+    return gram.sum() / (num_classes * num_slots_per_class) - 1
 
 
-def l1_off_class_loss(last_layer_weight: torch.Tensor, num_slots: int) -> torch.Tensor:
+def l1_off_class_loss(last_layer_weight: torch.Tensor, num_slots_per_class: int) -> torch.Tensor:
     """‖W ⊙ (1 − identity)‖₁ over the `(C, C·S)` last-layer weights: only connections to other classes' slots."""
     num_classes = last_layer_weight.shape[0]
-    own = torch.arange(last_layer_weight.shape[1], device=last_layer_weight.device) // num_slots
+    own = torch.arange(last_layer_weight.shape[1], device=last_layer_weight.device) // num_slots_per_class
     off_class = own[None, :] != torch.arange(num_classes, device=last_layer_weight.device)[:, None]
     return (last_layer_weight * off_class).abs().sum()
 
 
 def mixup_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, labels_b: torch.Tensor | None = None, lam: float = 1.0
+    logits: torch.Tensor, labels: torch.Tensor, mixup_labels: torch.Tensor | None = None, mixup_lambda: float = 1.0
 ) -> torch.Tensor:
-    """Cross-entropy, optionally on mixup targets: λ·CE(logits, y_a) + (1 − λ)·CE(logits, y_b)."""
+    """Cross-entropy, optionally on mixup targets: λ·CE(logits, labels) + (1 − λ)·CE(logits, mixup_labels)."""
     loss = F.cross_entropy(logits, labels)
-    if labels_b is None or lam == 1.0:
+    if mixup_labels is None or mixup_lambda == 1.0:
         return loss
-    return lam * loss + (1 - lam) * F.cross_entropy(logits, labels_b)
+    return mixup_lambda * loss + (1 - mixup_lambda) * F.cross_entropy(logits, mixup_labels)
 
 
 def all_loss_terms(
@@ -125,8 +142,8 @@ def all_loss_terms(
     slot_logits: torch.Tensor,
     last_layer_weight: torch.Tensor,
     labels: torch.Tensor,
-    labels_b: torch.Tensor | None = None,
-    lam: float = 1.0,
+    mixup_labels: torch.Tensor | None = None,
+    mixup_lambda: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """The five unweighted terms of one forward pass, as the official code computes them.
 
@@ -137,20 +154,20 @@ def all_loss_terms(
         slot_logits: `(C, P, S)` the raw logits Θ (orthogonality).
         last_layer_weight: `(C, C·S)` (L1).
         labels: `(N,)` class indices of the original (unmixed) images: cluster and separation use them.
-        labels_b: `(N,)` the second labels of a mixup batch; CE is then λ·CE(y_a) + (1 − λ)·CE(y_b).
-        lam: the mixup coefficient λ.
+        mixup_labels: `(N,)` the labels of the images mixed in; CE is then λ·CE(labels) + (1 − λ)·CE(mixup_labels).
+        mixup_lambda: the mixup coefficient λ.
 
     Returns:
         `{"cross_entropy", "cluster", "separation", "orthogonality", "l1"}` scalars.
     """
-    num_slots = slot_logits.shape[2]
+    num_slots_per_class = slot_logits.shape[2]
     class_assignment = slot_assignment[labels]  # (N, P, S)
     return {
-        "cross_entropy": mixup_cross_entropy(logits, labels, labels_b, lam),
-        "cluster": cluster_loss(min_distances, class_assignment, num_slots),
-        "separation": separation_loss(min_distances, class_assignment, num_slots),
+        "cross_entropy": mixup_cross_entropy(logits, labels, mixup_labels, mixup_lambda),
+        "cluster": cluster_loss(min_distances, class_assignment, num_slots_per_class),
+        "separation": separation_loss(min_distances, class_assignment, num_slots_per_class),
         "orthogonality": orthogonality_loss(slot_logits),
-        "l1": l1_off_class_loss(last_layer_weight, num_slots),
+        "l1": l1_off_class_loss(last_layer_weight, num_slots_per_class),
     }
 
 

@@ -5,55 +5,80 @@ ECCV 2022 (https://arxiv.org/abs/2112.02902).
 
 Shape alphabet: N batch, C classes, P prototypes, S slots per class, D prototype dim, H, W feature-map size.
 
-This file is what `save_pretrained` copies for `trust_remote_code`: its import chain holds only torch, timm,
-transformers and the package's configuration, layers, losses, backbone and preprocessing modules.
+The method, as [`ProtoPoolHead.forward`] computes it on the backbone's feature map:
+
+1. add-on: a 1×1 convolution and a sigmoid make a `(N, D, H, W)` latent map;
+2. squared L2 distances of every latent patch to each of the P prototypes of the pool shared by all classes;
+3. each prototype's min and mean distance over the map, `(N, P)`;
+4. slot assignment: each of the S slots of each class is a distribution A over the pool, `(C, P, S)`
+   (Gumbel-softmax in training, softmax in eval, one-hot once hardened);
+5. slot mixing and focal similarity: the min and mean distances mixed by A, then φ(mixed min) − φ(mixed mean)
+   with φ(d) = log((d + 1) / (d + ε)), `(N, C, S)`;
+6. last layer: C·S slot similarities -> C logits, without bias.
+
+The pure maths is in `layers.py` and the loss terms in `losses.py` (both torch only). This file, with its import
+chain (configuration, layers, losses, gumbel, backbone, preprocessing, loading), is what `save_pretrained` copies for
+`trust_remote_code`: it imports only torch, timm, transformers and those modules.
 """
 
-import json
-import os
-import warnings
+import copy
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+import torch.nn.functional as F
+from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .backbone import backbone_feature_map, create_backbone, feature_channels, set_backbone_data_config
+from .backbone import (
+    backbone_feature_map,
+    create_backbone,
+    feature_channels,
+    set_backbone_data_config,
+    timm_pretrained_cfg,
+)
 from .configuration_protopool import ProtoPoolConfig
-from .layers import HeadOutput, ProtoPoolHead
+from .gumbel import GumbelScheduleMixin
+from .layers import focal_similarity, slot_assignment, slot_class_identity, squared_l2_distances
+from .loading import StrictLoadingMixin
 from .losses import LossWeights, all_loss_terms, weighted_total
-from .preprocessing import image_processor_dict
-from .provenance import PROVENANCE_BUFFERS, Provenance, clear_provenance, write_provenance
+from .provenance import PROVENANCE_BUFFERS, Provenance, clear_provenance, register_provenance_buffers, write_provenance
 
 
 __all__ = [
-    "GumbelScheduleWarning",
     "ProtoPoolForImageClassification",
+    "ProtoPoolHead",
     "ProtoPoolOutput",
     "ProtoPoolPreTrainedModel",
-    "image_processor_dict",
 ]
-
-
-class GumbelScheduleWarning(UserWarning):
-    """A model is trained in Gumbel mode while nothing moves its assignment scale."""
 
 
 @dataclass
 class ProtoPoolOutput(ModelOutput):
-    """Output of [`ProtoPoolForImageClassification`].
+    """Output of [`ProtoPoolHead`] and [`ProtoPoolForImageClassification`].
 
     Attributes:
-        loss: scalar total loss, when `labels` were given.
+        loss: scalar total loss, when `labels` were given to the model.
         logits: `(N, C)` class scores.
         min_distances: `(N, P)` min squared distance of each prototype over the feature map.
         slot_assignment: `(C, P, S)` the assignment of slots to prototypes used in this pass.
         similarities: `(N, C, S)` focal similarity of every class slot (the last layer's input).
+        distances: `(N, P, H, W)` squared distance of every latent patch to every prototype (float32); φ of it is
+            each prototype's activation map.
         loss_terms: unweighted terms `cross_entropy`, `cluster`, `separation`, `orthogonality`, `l1`, when `labels`
-            were given.
+            were given to the model.
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from protopool_hf.modeling_protopool import ProtoPoolOutput
+        >>> out = ProtoPoolOutput(logits=torch.zeros(2, 3))
+        >>> out.to_tuple()[0].shape, out.loss is None
+        (torch.Size([2, 3]), True)
+
+        ```
     """
 
     loss: torch.Tensor | None = None
@@ -61,11 +86,145 @@ class ProtoPoolOutput(ModelOutput):
     min_distances: torch.Tensor | None = None
     slot_assignment: torch.Tensor | None = None
     similarities: torch.Tensor | None = None
+    distances: torch.Tensor | None = None
     loss_terms: dict[str, torch.Tensor] | None = None
 
 
-class ProtoPoolPreTrainedModel(PreTrainedModel):
-    """Holds the class attributes and the weight initialisation shared by ProtoPool models."""
+class ProtoPoolHead(nn.Module):
+    """Prototype-pool head: add-on, a pool of P prototypes shared by C classes of S slots, last layer.
+
+    Its `forward` reads as the method (see the module docstring); distances and φ are computed in float32 even under
+    bf16/fp16 autocast or a half-precision model.
+
+    Args:
+        in_channels: channels of the backbone feature map.
+        num_classes: C.
+        num_prototypes: P.
+        num_slots_per_class: S.
+        prototype_dim: D.
+        similarity_epsilon: ε of φ.
+        gumbel_tau: Gumbel-softmax temperature τ.
+        correct_connection: initial last-layer weight from a slot to its own class (official 1).
+        incorrect_connection: initial last-layer weight from a slot to the other classes (official 0).
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from protopool_hf.modeling_protopool import ProtoPoolHead
+        >>> head = ProtoPoolHead(16, num_classes=3, num_prototypes=6, num_slots_per_class=2, prototype_dim=8)
+        >>> out = head(torch.randn(2, 16, 4, 4))
+        >>> out.logits.shape, out.min_distances.shape, out.similarities.shape, out.distances.shape
+        (torch.Size([2, 3]), torch.Size([2, 6]), torch.Size([2, 3, 2]), torch.Size([2, 6, 4, 4]))
+
+        ```
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        num_classes: int,
+        num_prototypes: int,
+        num_slots_per_class: int,
+        prototype_dim: int,
+        similarity_epsilon: float = 1e-4,
+        gumbel_tau: float = 0.5,
+        correct_connection: float = 1.0,
+        incorrect_connection: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.correct_connection = correct_connection
+        self.incorrect_connection = incorrect_connection
+        self.num_classes = num_classes
+        self.num_prototypes = num_prototypes
+        self.num_slots_per_class = num_slots_per_class
+        self.similarity_epsilon = similarity_epsilon
+        self.gumbel_tau = gumbel_tau
+        self.add_on = nn.Sequential(nn.Conv2d(in_channels, prototype_dim, kernel_size=1), nn.Sigmoid())
+        self.prototypes = nn.Parameter(torch.empty(num_prototypes, prototype_dim))
+        self.slot_logits = nn.Parameter(torch.empty(num_classes, num_prototypes, num_slots_per_class))
+        self.last_layer = nn.Linear(num_classes * num_slots_per_class, num_classes, bias=False)
+        self.register_buffer("gumbel_scale", torch.ones(()))
+        self.register_buffer("hard_assignment", torch.zeros((), dtype=torch.bool))
+        # Provenance of projected prototypes (-1 / nan: never projected): projection_image_index, _row, _col, ...
+        register_provenance_buffers(self, num_prototypes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The official initialisation: Kaiming add-on, U[0, 1) prototypes, Xavier Θ, 1/0 last layer (by default)."""
+        nn.init.kaiming_normal_(self.add_on[0].weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.add_on[0].bias)
+        nn.init.uniform_(self.prototypes, 0.0, 1.0)
+        nn.init.xavier_normal_(self.slot_logits)
+        with torch.no_grad():
+            self.last_layer.weight.copy_(self.initial_last_layer())
+
+    def initial_last_layer(self) -> torch.Tensor:
+        """The `(C, C·S)` initial last-layer weight: `correct_connection` on a slot's own class, else `incorrect_...`."""
+        identity = slot_class_identity(self.num_classes, self.num_slots_per_class)
+        return identity * self.correct_connection + (1 - identity) * self.incorrect_connection
+
+    def forward(self, features: torch.Tensor) -> ProtoPoolOutput:
+        """Classify a batch of backbone feature maps `(N, C_feat, H, W)`; the output has no loss."""
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            latent = self.latent(features)  # (N, D, H, W) add-on, in (0, 1)
+            distance_map = squared_l2_distances(latent, self.prototypes.float())  # (N, P, H, W)
+            distances = distance_map.flatten(2)  # (N, P, H·W)
+            min_distances = distances.amin(dim=2)  # (N, P)
+            mean_distances = distances.mean(dim=2)  # (N, P)
+            assignment = self.assignment()  # (C, P, S)
+            # (N, C, S): slots mixed in distance space by A, then φ(mixed min) − φ(mixed mean).
+            similarities = focal_similarity(min_distances, mean_distances, assignment.float(), self.similarity_epsilon)
+            logits = F.linear(similarities.flatten(1), self.last_layer.weight.float())  # (N, C)
+        return ProtoPoolOutput(
+            logits=logits,
+            min_distances=min_distances,
+            slot_assignment=assignment,
+            similarities=similarities,
+            distances=distance_map,
+        )
+
+    def latent(self, features: torch.Tensor) -> torch.Tensor:
+        """`(N, C_feat, H, W)` backbone features -> `(N, D, H, W)` latent map in (0, 1), float32."""
+        conv = self.add_on[0]
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            # Explicit float32 weights: a model cast to bf16 / fp16 (`.to(dtype)`) still computes the head in float32.
+            return self.add_on[1](F.conv2d(features.float(), conv.weight.float(), conv.bias.float()))
+
+    def distances(self, features: torch.Tensor) -> torch.Tensor:
+        """`(N, C_feat, H, W)` backbone features -> `(N, P, H, W)` squared distances, float32."""
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return squared_l2_distances(self.latent(features), self.prototypes.float())
+
+    def assignment(self, mode: str | None = None) -> torch.Tensor:
+        """The `(C, P, S)` assignment: Gumbel in training, softmax in eval, one-hot once hardened.
+
+        The `hard_assignment` buffer picks between the one-hot and the soft assignment with `torch.where`, never with
+        a Python branch on its value, so `torch.compile(fullgraph=True)`, `torch.export` and the ONNX exporter see one
+        graph for both states. `torch.where` copies the selected elements: the soft assignment is bit-for-bit
+        `softmax(Θ·s)` and the hard one `one_hot(argmax_P Θ)`; slot logits get a zero gradient once hardened.
+        """
+        if mode is None:
+            mode = "gumbel" if self.training else "softmax"
+        soft = slot_assignment(self.slot_logits, self.gumbel_scale, gumbel_tau=self.gumbel_tau, mode=mode)
+        if mode == "hard":
+            return soft
+        hard = slot_assignment(self.slot_logits, self.gumbel_scale, gumbel_tau=self.gumbel_tau, mode="hard")
+        return torch.where(self.hard_assignment, hard, soft)
+
+
+class ProtoPoolPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
+    """Holds the class attributes, the weight initialisation and the loading policy shared by ProtoPool models.
+
+    Example:
+        ```python
+        >>> from protopool_hf import ProtoPoolForImageClassification
+        >>> from protopool_hf.modeling_protopool import ProtoPoolPreTrainedModel
+        >>> issubclass(ProtoPoolForImageClassification, ProtoPoolPreTrainedModel)
+        True
+
+        ```
+    """
 
     config_class = ProtoPoolConfig
     config: ProtoPoolConfig
@@ -106,80 +265,20 @@ class ProtoPoolPreTrainedModel(PreTrainedModel):
 
     def _set_gradient_checkpointing(self, enable: bool = True, *args: Any, **kwargs: Any) -> None:
         self.backbone.set_grad_checkpointing(enable)
-        # transformers reads the state from a `gradient_checkpointing` attribute (`is_activation_checkpointing`, and
-        # the Trainer's DDP `find_unused_parameters`); timm's flag is named `grad_checkpointing`.
-        self.gradient_checkpointing = enable
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any, **kwargs: Any) -> Any:
-        """`PreTrainedModel.from_pretrained`, strict: weights only from safetensors, every tensor present, shapes equal.
-
-        transformers re-initialises a missing tensor with only a log line, and names mismatched shapes only in its
-        log; pickle-based `pytorch_model.bin` files can run code. Here each of these raises an error that names the
-        folder, the tensors and the fix. `ignore_mismatched_sizes=True` keeps transformers' behaviour for shapes, the
-        fine-tuning path of the HF guides (`num_labels=4, id2label=..., ignore_mismatched_sizes=True`): when head
-        tensors are re-initialised, the assignment restarts soft at s = 1 and the projection provenance is cleared,
-        with a warning, since neither describes the new head.
-        """
-        source = os.fspath(pretrained_model_name_or_path)
-        if kwargs.get("use_safetensors") is False or kwargs.get("weights_only") is False:
-            raise ValueError(
-                f"ProtoPool models load weights only from model.safetensors (pickle-based files can run code); "
-                f"got use_safetensors/weights_only=False for {source!r}."
-            )
-        kwargs["use_safetensors"] = True
-        with_info = kwargs.pop("output_loading_info", False)
-        lenient = kwargs.pop("ignore_mismatched_sizes", False)
-        try:
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path,
-                *model_args,
-                output_loading_info=True,
-                ignore_mismatched_sizes=True,
-                **kwargs,
-            )
-        except SafetensorError as error:
-            raise ValueError(
-                f"Cannot read the weights of {source!r} ({error}): its model.safetensors is truncated or corrupt, "
-                "e.g. by an interrupted download or copy. Download it again (force_download=True) or save the model "
-                "again."
-            ) from error
-        except OSError as error:
-            if "no file named model.safetensors" not in str(error):
-                raise
-            raise OSError(
-                f"{source!r} holds no model.safetensors. ProtoPool models load weights only from safetensors, never "
-                "from pickle-based files (pytorch_model.bin), whose loading can run code. Convert trusted weights: "
-                "model.save_pretrained(folder) writes model.safetensors."
-            ) from error
-        problems = []
-        if info["missing_keys"]:
-            problems.append(f"missing tensors {sorted(info['missing_keys'])}")
-        if info["mismatched_keys"] and not lenient:
-            shapes = ", ".join(
-                f"{key}: checkpoint {tuple(a)} vs config {tuple(b)}" for key, a, b in sorted(info["mismatched_keys"])
-            )
-            problems.append(f"tensors whose shapes differ from what config.json implies ({shapes})")
-        if problems:
-            raise ValueError(
-                f"The weights of {source!r} do not match its config.json: {'; '.join(problems)}. The config's sizes "
-                "(num_labels, num_prototypes, num_slots_per_class, prototype_dim, backbone) must be those the "
-                "weights were saved with: restore the config.json saved with these weights."
-            )
-        reinitialised = sorted(key for key, *_ in info["mismatched_keys"] if key.startswith("head."))
-        if reinitialised:
-            model.restart_head(reinitialised, source)
-        return (model, info) if with_info else model
+        self.gradient_checkpointing = enable  # what transformers reads (timm's flag is `grad_checkpointing`)
 
 
-class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
+class ProtoPoolForImageClassification(GumbelScheduleMixin, ProtoPoolPreTrainedModel):
     """ProtoPool image classifier: any timm backbone, a shared prototype pool, Gumbel-softmax slot assignment.
 
-    The same class serves `AutoModel` and `AutoModelForImageClassification`. `model.backbone` is the timm model
-    without its classifier; with `config.feature_stage=k` it is truncated after stage k (later stages, final norm
-    and head removed), so its `forward_features` and `num_features` no longer describe the full network: use
-    `model.feature_map`. For timm's data helpers the model carries a `pretrained_cfg` with the config's
-    preprocessing (see [`ProtoPoolForImageClassification.pretrained_cfg`]).
+    The same class serves `AutoModel` and `AutoModelForImageClassification`. As in timm, `forward_features` maps
+    images to the backbone's feature map and `forward_head` the feature map to the output; `forward` runs both and
+    adds the loss. `model.backbone` is the timm model without its classifier; with `config.feature_stage=k` it is
+    truncated after stage k (later stages, final norm and head removed), so its own `forward_features` and
+    `num_features` no longer describe the full network: use `model.forward_features`. For timm's data helpers the
+    model carries a `pretrained_cfg` with the config's preprocessing (see
+    [`ProtoPoolForImageClassification.pretrained_cfg`]). Constructing a model leaves the caller's config untouched:
+    the model works on a copy, `model.config`.
 
     Args:
         config: the [`ProtoPoolConfig`].
@@ -193,12 +292,17 @@ class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
         >>> out = model(torch.randn(2, 3, 160, 160), labels=torch.tensor([0, 2]))
         >>> out.logits.shape, out.min_distances.shape, sorted(out.loss_terms)
         (torch.Size([2, 3]), torch.Size([2, 6]), ['cluster', 'cross_entropy', 'l1', 'orthogonality', 'separation'])
+
         ```
     """
 
     def __init__(self, config: ProtoPoolConfig) -> None:
+        config = copy.deepcopy(config)  # timm's resolved preprocessing fills its empty fields: never the caller's
+        data = config.data_config()  # input_size, mean, std, interpolation, crop_pct, crop_mode
+        data["image_mean"], data["image_std"] = data.pop("mean"), data.pop("std")
+        for field, value in data.items():
+            setattr(config, field, list(value) if isinstance(value, tuple) else value)
         super().__init__(config)
-        _record_preprocessing(config)
         # `from_pretrained` builds on the meta device: the checkpoint holds the weights, so never download them.
         pretrained = config.backbone_pretrained and torch.empty(0).device.type != "meta"
         self.backbone = create_backbone(
@@ -218,51 +322,69 @@ class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
             num_prototypes=config.num_prototypes,
             num_slots_per_class=config.num_slots_per_class,
             prototype_dim=config.prototype_dim,
-            epsilon=config.similarity_epsilon,
-            tau=config.gumbel_tau,
+            similarity_epsilon=config.similarity_epsilon,
+            gumbel_tau=config.gumbel_tau,
             correct_connection=config.last_layer_correct_connection,
             incorrect_connection=config.last_layer_incorrect_connection,
         )
-        # Whether `set_gumbel_scale` was called, and whether `train()` already checked (once) that something sets it.
-        self._gumbel_scale_set = False
-        self._scale_checked = False
         self.post_init()
-        self._sync_backbone_pretrained_cfg()
-
-    # ------------------------------------------------------------------ timm interop
-    @property
-    def pretrained_cfg(self) -> dict[str, Any]:
-        """The timm pretrained config of this model: the backbone's, with the preprocessing of `config.data_config()`.
-
-        `timm.data.resolve_data_config(model=model)` and `timm.data.resolve_model_data_config(model)` read it, so
-        they return the model's input size, mean, std, interpolation, crop_pct and crop_mode (not timm's ImageNet
-        defaults). Reading it also brings `model.backbone.pretrained_cfg` in step with the config. The backbone's
-        test-time size and crop are dropped: the config's preprocessing is the only one.
-        """
-        backbone_cfg = self._sync_backbone_pretrained_cfg()
-        return {
-            **backbone_cfg,
-            "num_classes": self.config.num_labels,
-            "classifier": "head.last_layer",
-            "first_conv": f"backbone.{first_conv}" if (first_conv := backbone_cfg.get("first_conv")) else None,
-        }
-
-    @property
-    def default_cfg(self) -> dict[str, Any]:
-        """Alias of `pretrained_cfg` (timm's older name)."""
-        return self.pretrained_cfg
-
-    def _sync_backbone_pretrained_cfg(self) -> dict[str, Any]:
-        return set_backbone_data_config(self.backbone, self.config.data_config())
+        set_backbone_data_config(self.backbone, self.config.data_config())
 
     # ------------------------------------------------------------------ forward
-    def feature_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`(N, 3, H_in, W_in)` images -> `(N, C_feat, H, W)` backbone feature map (NCHW)."""
         return backbone_feature_map(self.backbone, pixel_values, self.config.feature_stage)
 
+    def forward_head(self, features: torch.Tensor) -> ProtoPoolOutput:
+        """`(N, C_feat, H, W)` feature map -> [`ProtoPoolOutput`] without loss (see [`ProtoPoolHead`])."""
+        return self.head(features)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        mixup_labels: torch.Tensor | None = None,
+        mixup_lambda: float = 1.0,
+        **kwargs: Any,
+    ) -> ProtoPoolOutput:
+        """Classify `(N, 3, H_in, W_in)` images; with `labels` `(N,)`, also return the loss and its terms.
+
+        The loss is the one every training phase optimises: CE + w_clst·cluster − w_sep·separation + w_orth·orth +
+        w_l1·L1, with the weights of the config (`cluster_weight`, ...; a weight of 0 leaves its term out).
+
+        Args:
+            pixel_values: normalised images; for mixup, the mixed batch λ·x + (1 − λ)·x[perm].
+            labels: class indices in `[0, C)` (of the unmixed images: cluster and separation use them).
+            mixup_labels: `(N,)` the labels of the images mixed in, y[perm]; CE is then
+                λ·CE(labels) + (1 − λ)·CE(mixup_labels). `ProtoPoolTrainer` passes them when it mixes.
+            mixup_lambda: λ, the weight of `labels` in a mixed batch.
+            **kwargs: ignored (Trainer and pipelines may pass extra keys).
+
+        Returns:
+            A [`ProtoPoolOutput`].
+        """
+        if mixup_labels is not None and labels is None:
+            raise ValueError("`mixup_labels` came without `labels`: pass the labels of the unmixed images too.")
+        output = self.forward_head(self.forward_features(pixel_values))
+        if labels is None:
+            return output
+        # In float32 under autocast too, as the head (and as the loss a Trainer computes outside the forward).
+        with torch.autocast(device_type=output.logits.device.type, enabled=False):
+            loss_terms = self.loss_terms(output, labels, mixup_labels, mixup_lambda)
+            loss = weighted_total(loss_terms, self.loss_weights)
+        return ProtoPoolOutput(
+            loss=loss,
+            logits=output.logits,
+            min_distances=output.min_distances,
+            slot_assignment=output.slot_assignment,
+            similarities=output.similarities,
+            distances=output.distances,
+            loss_terms=loss_terms,
+        )
+
     def latent_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`(N, 3, H_in, W_in)` images -> `(N, D, H, W)` latent map in (0, 1), float32."""
-        return self.head.latent(self.feature_map(pixel_values))
+        return self.head.latent(self.forward_features(pixel_values))
 
     def prototype_distances(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`(N, 3, H_in, W_in)` images -> `(N, P, H, W)` squared distances to every prototype, float32.
@@ -270,37 +392,7 @@ class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
         As in the forward pass, the distances are computed in float32 even under bf16/fp16 autocast (the backbone
         still runs under it).
         """
-        return self.head.distances(self.feature_map(pixel_values))
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> ProtoPoolOutput:
-        """Classify `(N, 3, H_in, W_in)` images; with `labels` `(N,)`, also return the loss and its terms.
-
-        Args:
-            pixel_values: normalised images.
-            labels: class indices in `[0, C)`.
-            **kwargs: ignored (Trainer and pipelines may pass extra keys).
-
-        Returns:
-            A [`ProtoPoolOutput`].
-        """
-        head_out = self.head(self.feature_map(pixel_values))
-        loss = loss_terms = None
-        if labels is not None:
-            loss_terms = self.loss_terms(head_out, labels)
-            loss = weighted_total(loss_terms, self.loss_weights)
-        return ProtoPoolOutput(
-            loss=loss,
-            logits=head_out.logits,
-            min_distances=head_out.min_distances,
-            slot_assignment=head_out.slot_assignment,
-            similarities=head_out.similarities,
-            loss_terms=loss_terms,
-        )
+        return self.head.distances(self.forward_features(pixel_values))
 
     # ------------------------------------------------------------------ loss
     @property
@@ -315,18 +407,18 @@ class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
 
     def loss_terms(
         self,
-        outputs: HeadOutput | ProtoPoolOutput,
+        outputs: ProtoPoolOutput,
         labels: torch.Tensor,
-        labels_b: torch.Tensor | None = None,
-        lam: float = 1.0,
+        mixup_labels: torch.Tensor | None = None,
+        mixup_lambda: float = 1.0,
     ) -> dict[str, torch.Tensor]:
         """The unweighted loss terms of a forward pass, as the official code computes them.
 
         Args:
             outputs: the head's or the model's output for the batch.
             labels: `(N,)` class indices of the (original, unmixed) images; cluster and separation use them.
-            labels_b: `(N,)` the second labels of a mixup batch; CE is then λ·CE(y_a) + (1 − λ)·CE(y_b).
-            lam: the mixup coefficient λ.
+            mixup_labels: `(N,)` the labels of the images mixed in; CE is then λ·CE(labels) + (1 − λ)·CE(mixup_labels).
+            mixup_lambda: the mixup coefficient λ.
 
         Returns:
             `{"cross_entropy", "cluster", "separation", "orthogonality", "l1"}` scalars.
@@ -335,7 +427,7 @@ class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
         head = self.head
         return all_loss_terms(
             outputs.logits, outputs.min_distances, outputs.slot_assignment, head.slot_logits,
-            head.last_layer.weight, labels, labels_b, lam,
+            head.last_layer.weight, labels, mixup_labels, mixup_lambda,
         )  # fmt: skip
 
     def _check_labels(self, labels: torch.Tensor) -> torch.Tensor:
@@ -354,68 +446,6 @@ class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
                 f"{self.config.num_labels} classes: check the dataset's label column against the config's id2label."
             )
         return labels
-
-    # ------------------------------------------------------------------ assignment
-    @property
-    def gumbel_scale(self) -> float:
-        """The current assignment scale s."""
-        return float(self.head.gumbel_scale)
-
-    def set_gumbel_scale(self, scale: float) -> None:
-        """Set the assignment scale s (> 0) multiplying the slot logits; saved with the model."""
-        scale = float(scale)
-        if not scale > 0:
-            raise ValueError(f"The Gumbel scale must be > 0, got {scale}. s = 1 is the official plain-softmax path.")
-        self.head.gumbel_scale.fill_(scale)
-        self._gumbel_scale_set = True
-
-    def train(self, mode: bool = True) -> "ProtoPoolForImageClassification":
-        """`nn.Module.train`; warns once when training starts in Gumbel mode while the scale was never set.
-
-        A soft assignment trained at the initial s = 1 that nothing raises never becomes one-hot, so the prototypes
-        the classes use stay blurred. The stock `Trainer` calls `model.train()` after its callbacks' `on_train_begin`,
-        where [`GumbelScheduleCallback`] sets the scale, so a Trainer with that callback does not warn. The check
-        lives here, not in `forward`, which stays free of branches on tensor values.
-
-        Args:
-            mode: training (True) or evaluation (False) mode.
-
-        Returns:
-            The model.
-        """
-        super().train(mode)
-        if not mode or self._scale_checked or self.head.gumbel_scale.is_meta or self.head.hard_assignment.is_meta:
-            return self
-        self._scale_checked = True  # once: the Trainer calls train() at every step, and reading s may sync a GPU
-        if self._scale_never_set():
-            warnings.warn(
-                "Training a ProtoPool model in Gumbel mode at the initial assignment scale s=1, which nothing sets: "
-                "the assignment stays soft. Add protopool_hf.GumbelScheduleCallback() to the Trainer's callbacks (or "
-                "call model.set_gumbel_scale(s); harden the assignment for last-layer fine-tuning).",
-                GumbelScheduleWarning,
-                stacklevel=2,
-            )
-        return self
-
-    def _scale_never_set(self) -> bool:
-        """Soft assignment at s = 1 that `set_gumbel_scale` never touched (a loaded s != 1 was set by training)."""
-        if self._gumbel_scale_set:
-            return False
-        return not bool(self.head.hard_assignment) and float(self.head.gumbel_scale) == 1.0
-
-    def harden_assignment(self) -> None:
-        """From now on every mode uses one_hot(argmax over the pool of the slot logits); the logits are kept."""
-        self.head.hard_assignment.fill_(True)
-
-    @property
-    def is_assignment_hard(self) -> bool:
-        """Whether `harden_assignment()` was called."""
-        return bool(self.head.hard_assignment)
-
-    @torch.no_grad()
-    def slot_assignment(self) -> torch.Tensor:
-        """The deterministic `(C, P, S)` assignment: softmax at the current scale, or one-hot once hardened."""
-        return self.head.assignment(mode="softmax")
 
     @torch.no_grad()
     def class_to_prototypes(self) -> torch.Tensor:
@@ -442,53 +472,10 @@ class ProtoPoolForImageClassification(ProtoPoolPreTrainedModel):
         """Forget where the prototypes were projected: buffers back to -1 / nan, config fields to None."""
         clear_provenance(self)
 
-    @torch.no_grad()
-    def restart_head(self, reinitialised: list[str], source: str = "the checkpoint") -> None:
-        """After head tensors were re-initialised: a soft assignment at s = 1, no projection provenance, a warning.
+    # ------------------------------------------------------------------ timm interop
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """Timm's pretrained config with the config's preprocessing, for timm's data helpers (`timm_pretrained_cfg`)."""
+        return timm_pretrained_cfg(self.backbone, self.config.data_config(), self.config.num_labels)
 
-        `from_pretrained(..., ignore_mismatched_sizes=True)` calls it when it re-initialises head tensors (new
-        `num_labels`, ...): a hardened assignment would turn the new random slot logits into a one-hot choice that
-        cross-entropy cannot train, and the old provenance (image indices, labels, dataset) no longer describes the
-        head.
-
-        Args:
-            reinitialised: the names of the re-initialised tensors, for the warning.
-            source: the checkpoint's name, for the warning.
-        """
-        self.head.hard_assignment.fill_(False)
-        self.head.gumbel_scale.fill_(1.0)
-        self._gumbel_scale_set = self._scale_checked = False
-        self.clear_projection_provenance()
-        warnings.warn(
-            f"{source}: the head tensors {reinitialised} were re-initialised (ignore_mismatched_sizes=True), so the "
-            "slot assignment restarts soft at scale s=1 and the projection provenance was cleared. Train the new "
-            "head with protopool_hf.GumbelScheduleCallback, then project the prototypes again.",
-            UserWarning,
-            stacklevel=3,
-        )
-
-    # ------------------------------------------------------------------ saving
-    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
-        """`PreTrainedModel.save_pretrained`, plus the `auto_map` for remote code and `preprocessor_config.json`."""
-        self.config.auto_map = {
-            "AutoConfig": "configuration_protopool.ProtoPoolConfig",
-            "AutoModel": "modeling_protopool.ProtoPoolForImageClassification",
-            "AutoModelForImageClassification": "modeling_protopool.ProtoPoolForImageClassification",
-        }
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            path = os.path.join(save_directory, "preprocessor_config.json")
-            with open(path + ".tmp", "w") as handle:
-                json.dump(image_processor_dict(self.config), handle, indent=2, sort_keys=True)
-            os.replace(path + ".tmp", path)
-
-
-def _record_preprocessing(config: ProtoPoolConfig) -> None:
-    """Write timm's resolved preprocessing into the config's empty fields, so the saved config is self-contained."""
-    data = config.data_config()
-    config.input_size = list(data["input_size"])
-    config.image_mean = list(data["mean"])
-    config.image_std = list(data["std"])
-    config.interpolation = data["interpolation"]
-    config.crop_pct = data["crop_pct"]
-    config.crop_mode = data["crop_mode"]
+    default_cfg = pretrained_cfg  # timm's older name

@@ -8,7 +8,7 @@ This module imports only torch, so the modeling file (whose imports remote code 
 """
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -18,14 +18,15 @@ __all__ = ["check_labels", "evaluating", "unwrap_model"]
 
 
 @contextmanager
-def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and no autograd for the duration; every submodule's own training mode is restored afterwards.
+def evaluating(model: nn.Module, no_grad: bool = True) -> Iterator[nn.Module]:
+    """Eval mode (and no autograd) for the duration; every submodule's own training mode is restored afterwards.
 
     `model.train()` afterwards would not do: a frozen backbone kept in eval mode on purpose would be switched to
     training mode. Here each submodule gets back exactly the mode it had.
 
     Args:
         model: any module.
+        no_grad: also turn autograd off; `False` leaves it as it is (e.g. for gradients with respect to the input).
 
     Yields:
         The model, in eval mode.
@@ -48,7 +49,7 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad() if no_grad else nullcontext():
             yield model
     finally:
         for module, mode in modes:

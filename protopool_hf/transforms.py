@@ -21,9 +21,10 @@ from .preprocessing import EvalTransform
 from .torch_utils import check_labels
 
 
-__all__ = ["RECIPES", "ImageTransform", "collate_fn", "make_transforms"]
+__all__ = ["AUGMENTATIONS", "ImageTransform", "collate_fn", "make_transforms"]
 
-RECIPES = ("timm", "official")
+#: The training augmentations of `make_transforms` (the CLI's `--augment`).
+AUGMENTATIONS = ("timm", "official")
 
 
 @contextlib.contextmanager
@@ -164,7 +165,7 @@ def _official_augmentation(interpolation: str) -> Callable[[PIL.Image.Image], PI
 
 
 def make_transforms(
-    config: Any, train: bool, recipe: str = "timm", *, seed: int | None = 0, skip_bad_images: bool = False
+    config: Any, train: bool, augmentation: str = "timm", *, seed: int | None = 0, skip_bad_images: bool = False
 ) -> ImageTransform:
     """Build the batch transform for training or evaluation from the config's timm data config.
 
@@ -172,7 +173,7 @@ def make_transforms(
         config: a `ProtoPoolConfig` (its `data_config()` gives input_size, mean, std, interpolation, crop_pct) or
             such a data-config mapping itself.
         train: training augmentation (seeded by seed, epoch and index) or the deterministic eval transform.
-        recipe: `"timm"`: timm's `create_transform` for the backbone (train: random resized crop, flip, colour
+        augmentation: `"timm"`: timm's `create_transform` for the backbone (train: random resized crop, flip, colour
             jitter). `"official"`: for training, one of rotation ±15°, shear ±10° or perspective skew 0.2, then a
             horizontal flip (online equivalents of the official offline augmentation; corners fill black), then the
             eval transform. Evaluation always uses the config's eval transform, `preprocessing.EvalTransform`: the
@@ -184,13 +185,13 @@ def make_transforms(
     Returns:
         An `ImageTransform`; apply it with `ds.with_transform(...)` and batch with `collate_fn`.
     """
-    if recipe not in RECIPES:
-        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}.")
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {augmentation!r}.")
     eval_transform = EvalTransform(config)
     data_config = eval_transform.data_config
     if not train:
         pipeline: Callable[[PIL.Image.Image], torch.Tensor] = eval_transform
-    elif recipe == "official":
+    elif augmentation == "official":
         from torchvision import transforms
 
         # The official code's online equivalent: augment the full image, then its eval resize (the presets squash).

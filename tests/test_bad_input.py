@@ -21,7 +21,8 @@ from protopool_hf.cli import main as cli_main
 from protopool_hf.convert import convert_main, to_original_state_dict
 from protopool_hf.data import load_cub200, load_fashion_mnist, load_image_folder
 from protopool_hf.projection import project_prototypes
-from protopool_hf.training import ProtoPoolRecipe, train_protopool
+from protopool_hf.recipe import ProtoPoolRecipe
+from protopool_hf.training import train_protopool
 from protopool_hf.transforms import collate_fn
 
 
@@ -157,7 +158,7 @@ def test_a_1x1_feature_map_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"16×16 images .*Use a larger image size"):  # ViT stages share one grid
         ProtoPoolForImageClassification(ProtoPoolConfig(**{**TINY, "backbone": "test_vit"}, input_size=[3, 16, 16]))
     model = ProtoPoolForImageClassification(ProtoPoolConfig(**TINY, input_size=[3, 32, 32], feature_stage=3))
-    assert model.feature_map(torch.zeros(2, 3, 32, 32)).shape[-2:] == (2, 2)  # the suggested stage works
+    assert model.forward_features(torch.zeros(2, 3, 32, 32)).shape[-2:] == (2, 2)  # the suggested stage works
 
 
 def test_training_refuses_one_class(tmp_path):

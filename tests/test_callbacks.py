@@ -12,14 +12,16 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from protopool_hf.callbacks import (
+    FrozenBackboneCallback,
     GumbelScheduleCallback,
-    GumbelScheduleWarning,
     ProjectionCallback,
     SetEpochCallback,
     WarmupCallback,
     gumbel_scale_at,
 )
-from protopool_hf.training import ProtoPoolTrainer, set_trainable
+from protopool_hf.gumbel import GumbelScheduleWarning
+from protopool_hf.phases import set_trainable
+from protopool_hf.trainer import ProtoPoolTrainer
 from protopool_hf.transforms import collate_fn, make_transforms
 
 
@@ -174,6 +176,28 @@ def test_warmup_callback_refuses_a_trainable_backbone():
     WarmupCallback().on_train_begin(
         args, state, control, model=model, optimizer=torch.optim.Adam(model.head.parameters())
     )
+
+
+def test_frozen_backbone_guard_names_the_phase_it_guards():
+    """Fine-tuning has its own guard; `WarmupCallback` is the warm-up's."""
+    model = tiny_model()
+    args, state, control = (
+        TrainingArguments("unused", use_cpu=True, report_to="none"),
+        TrainerState(),
+        TrainerControl(),
+    )
+    set_trainable(model, "joint")
+    with pytest.raises(ValueError, match=r"FrozenBackboneCallback: .*set_trainable\(model, 'finetune'\)"):
+        FrozenBackboneCallback("finetune").on_train_begin(args, state, control, model=model)
+    with pytest.raises(ValueError, match=r"WarmupCallback: .*set_trainable\(model, 'warmup'\)"):
+        WarmupCallback().on_train_begin(args, state, control, model=model)
+    assert isinstance(WarmupCallback(), FrozenBackboneCallback) and WarmupCallback().phase == "warmup"
+    with pytest.raises(ValueError, match="'warmup' or 'finetune'; got 'joint'"):
+        FrozenBackboneCallback("joint")
+    set_trainable(model, "finetune")
+    optimizer = torch.optim.Adam(model.parameters())
+    with pytest.raises(ValueError, match=r"protopool_param_groups\(model, lr, 'finetune'\)"):
+        FrozenBackboneCallback("finetune").on_train_begin(args, state, control, model=model, optimizer=optimizer)
 
 
 def test_warmup_callback_freezes_batchnorm_statistics(tmp_path: Path):

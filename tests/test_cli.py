@@ -97,7 +97,7 @@ def test_the_lazy_export_table_matches_the_type_checking_imports_and_resolves():
         assert getattr(protopool_hf, name) is not None
 
 
-@pytest.mark.parametrize("command", [None, "train", "project", "explain", "push", "convert"])
+@pytest.mark.parametrize("command", [None, "train", "project", "explain", "evaluate", "push", "convert"])
 def test_help_imports_no_torch(command):
     argv = ["--help"] if command is None else [command, "--help"]
     code = f"""
@@ -121,7 +121,7 @@ def test_convert_does_not_import_the_cli():
 def test_help_lists_every_command():
     parser = build_parser()
     help_text = parser.format_help()
-    for command in ("train", "project", "explain", "push", "convert"):
+    for command in ("train", "project", "explain", "evaluate", "push", "convert"):
         assert command in help_text
 
 
@@ -172,7 +172,7 @@ def test_train_then_explain_on_fashion_mnist(tmp_path, capsys):
     assert '"sum_of_contributions"' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["train", "project", "explain", "push", "convert"])
+@pytest.mark.parametrize("command", ["train", "project", "explain", "evaluate", "push", "convert"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -264,7 +264,7 @@ def test_library_advice_is_reworded_into_cli_flags():
 
 
 def test_log_records_of_the_package_are_reworded_while_a_command_runs(caplog):
-    logger = logging.getLogger("protopool_hf.hub")
+    logger = logging.getLogger("protopool_hf.card")
     with caplog.at_level(logging.WARNING, logger="protopool_hf"), cli_log_wording():
         logger.warning("The card lists the metrics in its body only: pass dataset_name= (a Hub dataset id)")
         logging.getLogger("other").warning("pass dataset_name= stays")

@@ -13,14 +13,15 @@ import PIL.Image
 import pytest
 import timm
 import torch
-from test_explain import PHOTOS, make_model, photo_dataset, project_by_hand
+from test_explanation import PHOTOS, make_model, photo_dataset, project_by_hand
 
 import protopool_hf
 from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
-from protopool_hf import visualization as viz
 from protopool_hf.cli import main as cli_main
-from protopool_hf.explain import explain
+from protopool_hf.explanation import explain
 from protopool_hf.export import OUTPUT_NAMES, check_onnx, export_onnx
+from protopool_hf.gallery import save_prototype_images
+from protopool_hf.maps import preprocess
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +142,7 @@ def explained(tmp_path_factory):
     model = make_model()
     project_by_hand(model, dataset)
     model.save_pretrained(folder)
-    viz.save_prototype_images(model, dataset, folder)
+    save_prototype_images(model, dataset, folder)
     path = protopool_hf.export_onnx(model, folder.parent / "model.onnx")
     return model, folder, path
 
@@ -153,12 +154,12 @@ def test_onnx_outputs_names_shapes_and_values(explained):
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["pixel_values"]
     assert [o.name for o in session.get_outputs()] == list(OUTPUT_NAMES)
-    pixels = torch.cat([viz.preprocess(p, model.config) for p in PHOTOS])  # 4 photos: another batch size than export's
+    pixels = torch.cat([preprocess(p, model.config) for p in PHOTOS])  # 4 photos: another batch size than export's
     got = dict(zip(OUTPUT_NAMES, session.run(None, {"pixel_values": pixels.numpy()}), strict=True))
     assert got["logits"].shape == (4, 4) and got["similarities"].shape == (4, 4, 2)
     assert got["min_distances"].shape == (4, 8) and got["activations"].shape == (4, 8, 5, 5)
     with torch.no_grad():
-        out = model.head(model.feature_map(pixels))
+        out = model.head(model.forward_features(pixels))
         phi = protopool_hf.layers.log_similarity(out.distances, model.config.similarity_epsilon)
         mixed_min = torch.einsum("np,cps->ncs", out.min_distances, out.slot_assignment).numpy()
     # Tolerance from float32 error: a distance is a sum of 2·D terms in [0, 1] (latent and prototype entries), so it
@@ -328,9 +329,9 @@ def test_numpy_preprocessing_matches_the_library(size, preprocessing):
     # The stock transformers processor the folder names: the same operations, in the same order.
     np.testing.assert_array_equal(ours, stock(images=image, return_tensors="np")["pixel_values"])
     # The library's own eval preprocessing (timm's transform): within a grey level, where crop offsets agree.
-    library = viz.preprocess(image, model.config).numpy()
+    library = preprocess(image, model.config).numpy()
     assert ours.shape == library.shape == (1, 3, 160, 160)
-    grey_level = 1 / 255 / min(config.image_std)
+    grey_level = 1 / 255 / min(model.config.image_std)
     assert np.abs(ours - library).mean() < 0.5 * grey_level
     assert view.size == (160, 160)
 
@@ -374,7 +375,7 @@ def test_bf16_logits_of_a_trained_scale_model_through_pipeline(explained):
     from transformers import AutoModelForImageClassification, pipeline
 
     model, folder, _ = explained
-    pixels = torch.cat([viz.preprocess(p, model.config) for p in PHOTOS])
+    pixels = torch.cat([preprocess(p, model.config) for p in PHOTOS])
     with torch.no_grad():
         reference = model(pixels).logits
     scale = float(reference.abs().max())

@@ -24,8 +24,8 @@ from transformers import (
 )
 
 from protopool_hf import GumbelScheduleCallback, ProjectionCallback, ProtoPoolConfig, ProtoPoolForImageClassification
-from protopool_hf.callbacks import GumbelScheduleWarning
-from protopool_hf.hub import backbone_hub_id, render_model_card
+from protopool_hf.card import backbone_hub_id, render_model_card
+from protopool_hf.gumbel import GumbelScheduleWarning
 
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
@@ -256,7 +256,7 @@ def test_prototype_distances_are_float32_under_bf16_autocast():
     model = tiny_model().eval()
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        features = model.feature_map(x)  # the backbone runs in bf16, as in the forward pass
+        features = model.forward_features(x)  # the backbone runs in bf16, as in the forward pass
         distances = model.prototype_distances(x)
         forward_min = model(x).min_distances
     with torch.no_grad():
@@ -265,6 +265,20 @@ def test_prototype_distances_are_float32_under_bf16_autocast():
     # float32 rounding of Σz² − 2⟨z, p⟩ + ‖p‖² over D = 16 terms of size <= 1 stays far below bf16's 2^-8 steps.
     torch.testing.assert_close(distances, reference, rtol=0, atol=16 * 4 * 2**-23 * 4)
     torch.testing.assert_close(distances.flatten(2).amin(dim=2), forward_min, rtol=0, atol=16 * 4 * 2**-23 * 4)
+
+
+def test_trainer_predict_returns_the_logits_only_and_the_model_output_keeps_the_distance_maps(tmp_path: Path):
+    model = tiny_model().eval()
+    batches = _random_batches(model.config, 6)
+    trainer = Trainer(model=model, args=trainer_args(tmp_path, per_device_eval_batch_size=4))
+    result = trainer.predict(batches)
+    assert not isinstance(result.predictions, tuple)  # `keys_to_ignore_at_inference` drops the explanation fields
+    assert result.predictions.shape == (6, model.config.num_labels) and result.metrics["test_loss"] > 0
+    pixels = torch.stack([batch["pixel_values"] for batch in batches])
+    with torch.no_grad():
+        out = model(pixels)
+    assert out.distances.shape == (6, model.config.num_prototypes, 8, 8)  # the forward still returns them
+    torch.testing.assert_close(torch.from_numpy(result.predictions), out.logits, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ item 7: timm interop

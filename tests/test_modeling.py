@@ -12,6 +12,8 @@ from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassif
 
 from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification, ProtoPoolOutput
 from protopool_hf.backbone import leading_stage_parameters
+from protopool_hf.layers import slot_class_identity
+from protopool_hf.modeling_protopool import ProtoPoolHead
 
 
 TINY = {"num_labels": 3, "num_prototypes": 6, "num_slots_per_class": 2, "prototype_dim": 8}
@@ -62,7 +64,7 @@ def test_any_timm_backbone_trains_saves_and_reloads(backbone, tmp_path):
 def test_feature_map_is_nchw_for_nhwc_and_token_backbones():
     for backbone, channels in (("test_mambaout", 64), ("test_vit", 64)):
         model = tiny_model(backbone).eval()
-        features = model.feature_map(torch.randn(1, *model.config.input_size))
+        features = model.forward_features(torch.randn(1, *model.config.input_size))
         assert features.shape[:2] == (1, channels) and features.shape[2] == features.shape[3] > 1
 
 
@@ -76,7 +78,7 @@ def test_earlier_feature_stage_gives_a_larger_map_and_drops_later_stages():
     last = tiny_model("test_convnext", input_size=[3, 64, 64])
     early = tiny_model("test_convnext", input_size=[3, 64, 64], feature_stage=1)
     x = torch.randn(2, 3, 64, 64)
-    assert last.feature_map(x).shape[-1] == 2 and early.feature_map(x).shape[-1] == 8
+    assert last.forward_features(x).shape[-1] == 2 and early.forward_features(x).shape[-1] == 8
     assert sum(p.numel() for p in early.backbone.parameters()) < sum(p.numel() for p in last.backbone.parameters())
     early(x, labels=torch.tensor([0, 1])).loss.backward()
     assert all(p.grad is not None for p in early.parameters() if p.requires_grad)
@@ -148,6 +150,7 @@ def test_output_and_loss_terms():
         "slot_assignment",
         "loss_terms",
         "similarities",
+        "distances",
     ]
 
 
@@ -163,7 +166,7 @@ def test_labels_out_of_range_are_refused_with_a_clear_message():
 def test_eval_is_deterministic_softmax_and_scale_one_is_the_plain_softmax_path():
     model = tiny_model().eval()
     model.set_gumbel_scale(1.0)
-    torch.testing.assert_close(model.slot_assignment(), torch.softmax(model.head.slot_logits, dim=1))
+    torch.testing.assert_close(model.deterministic_assignment(), torch.softmax(model.head.slot_logits, dim=1))
     x = torch.randn(2, 3, 160, 160)
     with torch.no_grad():
         torch.testing.assert_close(model(x).slot_assignment, torch.softmax(model.head.slot_logits, dim=1))
@@ -252,7 +255,8 @@ def test_saved_folder_is_safetensors_with_code_auto_map_and_preprocessor(tmp_pat
     model.save_pretrained(tmp_path)
     files = {p.name for p in tmp_path.iterdir()}
     assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= files
-    assert {"configuration_protopool.py", "modeling_protopool.py", "layers.py", "losses.py", "backbone.py"} <= files
+    code = {"configuration_protopool.py", "modeling_protopool.py", "layers.py", "losses.py", "backbone.py"}
+    assert code | {"gumbel.py", "loading.py", "preprocessing.py", "provenance.py", "torch_utils.py"} <= files
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
     config = json.loads((tmp_path / "config.json").read_text())
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageClassification"}
@@ -354,3 +358,85 @@ def test_activation_checkpointing_recomputes_the_stages_and_gives_the_same_gradi
     torch.testing.assert_close(loss_ckpt, loss, rtol=1e-5, atol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------- the head
+def test_head_initialisation_and_modes():
+    torch.manual_seed(0)
+    head = ProtoPoolHead(4, num_classes=2, num_prototypes=5, num_slots_per_class=2, prototype_dim=3)
+    assert torch.equal(head.last_layer.weight, slot_class_identity(2, 2))
+    assert head.prototypes.min() >= 0 and head.prototypes.max() < 1
+    assert head.gumbel_scale.item() == 1.0 and not head.hard_assignment
+    features = torch.randn(1, 4, 3, 3)
+    head.eval()
+    first, second = head(features), head(features)
+    torch.testing.assert_close(first.logits, second.logits)  # eval is deterministic
+    head.train()
+    torch.manual_seed(1)
+    noisy = head(features)
+    assert not torch.allclose(noisy.slot_assignment, first.slot_assignment)
+    head.hard_assignment.fill_(True)
+    assert set(head(features).slot_assignment.unique().tolist()) == {0.0, 1.0}
+
+
+def test_last_layer_connections_set_its_initial_weights():
+    head = ProtoPoolHead(
+        4, num_classes=2, num_prototypes=5, num_slots_per_class=2, prototype_dim=3, correct_connection=10.0,
+        incorrect_connection=-0.5,
+    )  # fmt: skip
+    assert head.last_layer.weight.tolist() == [[10, 10, -0.5, -0.5], [-0.5, -0.5, 10, 10]]
+    features = torch.randn(3, 4, 2, 2)
+    out = head.eval()(features)
+    expected = out.similarities.sum(2) * 10.5 - 0.5 * out.similarities.sum((1, 2))[:, None]
+    torch.testing.assert_close(out.logits, expected)
+
+
+def test_head_works_at_batch_size_one_and_on_a_one_by_one_map():
+    head = ProtoPoolHead(4, num_classes=2, num_prototypes=5, num_slots_per_class=2, prototype_dim=3).eval()
+    out = head(torch.randn(1, 4, 1, 1))
+    assert out.logits.shape == (1, 2) and out.min_distances.shape == (1, 5) and out.similarities.shape == (1, 2, 2)
+
+
+def test_head_computes_in_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    head = ProtoPoolHead(8, num_classes=3, num_prototypes=6, num_slots_per_class=2, prototype_dim=4).eval()
+    features = torch.randn(2, 8, 4, 4)
+    reference = head(features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = head(features.bfloat16())
+    assert mixed.logits.dtype == torch.float32 and mixed.min_distances.dtype == torch.float32
+    torch.testing.assert_close(mixed.logits, reference.logits, atol=2e-2, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- the model
+def test_constructing_a_model_leaves_the_callers_config_untouched():
+    config = ProtoPoolConfig(backbone="test_resnet", **TINY)
+    before = config.to_dict()
+    model = ProtoPoolForImageClassification(config)
+    assert config.to_dict() == before and config.input_size is None and config.image_mean is None
+    assert model.config is not config
+    assert model.config.input_size == [3, 160, 160] and model.config.crop_mode == "center"  # recorded in its copy
+
+
+def test_forward_runs_forward_head_on_forward_features_and_returns_one_output_type():
+    model = tiny_model().eval()
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        head_out = model.forward_head(features)
+        out = model(x)
+        with_loss = model(x, labels=torch.tensor([0, 2]))
+    assert type(head_out) is type(out) is type(with_loss) is ProtoPoolOutput
+    assert head_out.loss is None and head_out.loss_terms is None and with_loss.loss is not None
+    assert features.shape[:2] == (2, model.head.add_on[0].in_channels)
+    for name in ("logits", "min_distances", "slot_assignment", "similarities", "distances"):
+        assert torch.equal(getattr(out, name), getattr(head_out, name)), name
+        assert torch.equal(getattr(with_loss, name), getattr(out, name)), name
+    assert out.distances.shape == (2, 6, *features.shape[-2:])
+    assert torch.equal(out.min_distances, out.distances.flatten(2).amin(2))
+    assert list(with_loss.keys())[:2] == ["loss", "logits"]  # Trainer reads outputs[0] as the loss
+
+
+def test_mixup_labels_without_labels_are_refused():
+    with pytest.raises(ValueError, match="`mixup_labels` came without `labels`"):
+        tiny_model()(torch.randn(2, 3, 160, 160), mixup_labels=torch.tensor([0, 1]), mixup_lambda=0.5)

@@ -13,13 +13,20 @@ import torch
 from transformers import AutoImageProcessor, BitImageProcessor
 
 from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification, push_to_hub
-from protopool_hf import visualization as viz
 from protopool_hf.data import from_hf_dataset
+from protopool_hf.maps import preprocess
 from protopool_hf.preprocessing import EvalTransform, eval_data_config, image_processor_dict
 from protopool_hf.transforms import make_transforms
 
 
-TINY = {"backbone": "test_resnet", "num_labels": 3, "num_prototypes": 6, "num_slots_per_class": 2, "prototype_dim": 8}
+TINY = {
+    "backbone": "test_resnet",
+    "feature_stage": 1,
+    "num_labels": 3,
+    "num_prototypes": 6,
+    "num_slots_per_class": 2,
+    "prototype_dim": 8,
+}
 # (H_0, W_0): odd and even margins, portrait and landscape, one-pixel-thin, square.
 IMAGE_SIZES = [(63, 64), (64, 63), (101, 37), (37, 101), (200, 120), (120, 200), (1, 50), (50, 1), (64, 64), (77, 77)]
 PREPROCESSING = {
@@ -78,7 +85,7 @@ def test_auto_image_processor_is_bit_exact_with_the_library_eval_transform(tmp_p
     transform = EvalTransform(model.config)
     for image, expected in zip(images[::3], ours[::3], strict=True):
         assert torch.equal(transform.normalise(transform.view(image)), expected)
-        assert torch.equal(viz.preprocess(image, model.config)[0], expected)
+        assert torch.equal(preprocess(image, model.config)[0], expected)
 
 
 def test_the_stock_processor_needs_neither_remote_code_nor_the_package(tmp_path):

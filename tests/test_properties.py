@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
-from protopool_hf.layers import ProtoPoolHead, focal_similarity, slot_assignment
+from protopool_hf.layers import focal_similarity, slot_assignment
 from protopool_hf.losses import (
     LossWeights,
     cluster_loss,
@@ -34,6 +34,7 @@ from protopool_hf.losses import (
     separation_loss,
     weighted_total,
 )
+from protopool_hf.modeling_protopool import ProtoPoolHead
 
 
 TINY = {"backbone": "test_resnet", "num_labels": 3, "num_prototypes": 6, "num_slots_per_class": 2, "prototype_dim": 8}
@@ -148,7 +149,7 @@ def _head(case) -> tuple[ProtoPoolHead, torch.Tensor]:
         num_prototypes=case["prototypes"],
         num_slots_per_class=case["slots"],
         prototype_dim=case["dim"],
-        epsilon=case["epsilon"],
+        similarity_epsilon=case["epsilon"],
     )
     head.gumbel_scale.fill_(case["scale"])
     with torch.no_grad():  # a trained-looking last layer: own slots positive, off-class weights small
@@ -254,7 +255,7 @@ def test_focal_similarity_lies_between_zero_and_log_one_over_epsilon(n, c, s, p,
     min_distances[:, 0] = 0  # an exact match
     mean_distances = min_distances + (10**magnitude) * torch.rand(n, p, generator=generator)
     logits = torch.randn(c, p, s, generator=generator)
-    assignment = slot_assignment(logits, 10 ** (magnitude / 2), tau=0.5, mode=mode)
+    assignment = slot_assignment(logits, 10 ** (magnitude / 2), gumbel_tau=0.5, mode=mode)
     similarity = focal_similarity(min_distances, mean_distances, assignment, epsilon)
     assert similarity.shape == (n, c, s) and torch.isfinite(similarity).all()
     assert similarity.min() >= -TOLERANCE

@@ -1,8 +1,8 @@
-"""Reliability: bad input fails clearly, a killed save loses nothing, loading runs no pickled or foreign code, and
-training is deterministic.
+"""Reliability: bad input fails clearly, loading runs no pickled or foreign code, and training is deterministic.
 
 docs/reliability.md lists every bad input with what the user sees and the test that covers it. Cases already tested
-in test_data.py, test_configuration.py, test_convert.py and test_modeling.py are not repeated here.
+in test_data.py, test_configuration.py, test_convert.py and test_modeling.py are not repeated here; a killed save is
+tested in test_atomic.py.
 """
 
 from __future__ import annotations
@@ -11,15 +11,11 @@ import ast
 import contextlib
 import json
 import logging
-import multiprocessing
-import os
 import pickle
 import re
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,12 +29,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForImageClassification
 
 import protopool_hf
-from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification, hub
+from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
 from protopool_hf.cli import main as cli_main
 from protopool_hf.convert import to_original_state_dict
 from protopool_hf.data import from_hf_dataset, load_cub200, load_image_folder, load_stanford_cars
 from protopool_hf.images import UnreadableImageError, decode_image
-from protopool_hf.training import ProtoPoolRecipe, _check_class_names, train_protopool
+from protopool_hf.recipe import ProtoPoolRecipe
+from protopool_hf.training import _check_class_names, train_protopool
 from protopool_hf.transforms import collate_fn, make_transforms
 
 
@@ -100,15 +97,15 @@ def test_every_image_mode_goes_through_the_loader_the_transform_and_the_model(tm
         assert torch.isfinite(model(plain["pixel_values"]).logits).all()
 
 
-@pytest.mark.parametrize("recipe", ["timm", "official"])
-def test_images_smaller_than_the_crop_are_scaled_up(recipe):
+@pytest.mark.parametrize("augmentation", ["timm", "official"])
+def test_images_smaller_than_the_crop_are_scaled_up(augmentation):
     sizes = [(1, 1), (3, 2), (31, 7)]
     raw = datasets.Dataset.from_dict(
         {"image": [PIL.Image.new("RGB", size, (255, 0, 0)) for size in sizes], "label": [0, 1, 2]}
     )
     ds = from_hf_dataset(raw.cast_column("image", datasets.Image()))
     for train in (True, False):
-        batch = ds.with_transform(make_transforms(SMALL, train=train, recipe=recipe))[:3]
+        batch = ds.with_transform(make_transforms(SMALL, train=train, augmentation=augmentation))[:3]
         assert batch["pixel_values"].shape == (3, 3, 32, 32) and torch.isfinite(batch["pixel_values"]).all()
         if not train:
             torch.testing.assert_close(_eval_colour(batch["pixel_values"]), torch.tensor([[255.0, 0, 0]] * 3))
@@ -322,103 +319,6 @@ def test_a_bad_official_checkpoint_leaves_no_output_folder(saved, tmp_path):
 def test_an_empty_dataset_folder_says_what_it_expected(tmp_path, loader, error, match):
     with pytest.raises(error, match=match):
         loader(tmp_path)
-
-
-# --------------------------------------------------------------------------- atomic saving
-
-
-KILL_POINTS = {  # where the child stops, and which model the target must hold after SIGKILL there
-    "weights half written": "old",
-    "before the swap": "old",
-    "between the two renames": "repaired",
-    "after the swap": "new",
-}
-
-
-def _stop_here(ready: Path) -> None:
-    ready.write_text("stopped")
-    time.sleep(600)
-
-
-def _save_until(kill_point: str, model: ProtoPoolForImageClassification, folder: Path, ready: Path) -> None:
-    """Child process: `save_model_folder` made to stop at `kill_point` (the parent then SIGKILLs it)."""
-    torch.set_num_threads(1)  # no OpenMP pool after fork
-    if kill_point == "weights half written":
-        save_pretrained = type(model).save_pretrained
-
-        def half_written(self, directory, *args, **kwargs):
-            save_pretrained(self, directory, *args, **kwargs)
-            _truncate(Path(directory) / "model.safetensors")
-            _stop_here(ready)
-
-        type(model).save_pretrained = half_written
-    elif kill_point in ("before the swap", "after the swap"):
-        swap_in = hub._swap_in
-
-        def swap_and_stop(*args):
-            if kill_point == "after the swap":
-                swap_in(*args)
-            _stop_here(ready)
-
-        hub._swap_in = swap_and_stop
-    else:  # a file system without renameat2: the two-rename fallback, stopped after the first rename
-
-        def no_exchange(first, second):
-            raise OSError(22, "not supported by this file system")
-
-        rename = os.rename
-
-        def rename_and_stop(source, target):
-            rename(source, target)
-            if Path(source) == folder:
-                _stop_here(ready)
-
-        hub._exchange, hub.os.rename = no_exchange, rename_and_stop
-    hub.save_model_folder(model, folder)
-    os._exit(3)  # not reached: the parent kills this process first
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.mark.parametrize("kill_point", list(KILL_POINTS))
-def test_a_save_killed_midway_leaves_the_old_or_the_new_model(tmp_path, kill_point):
-    torch.manual_seed(0)
-    old = ProtoPoolForImageClassification(ProtoPoolConfig(**TINY)).eval()
-    torch.manual_seed(1)
-    new = ProtoPoolForImageClassification(ProtoPoolConfig(**TINY)).eval()
-    folder = hub.save_model_folder(old, tmp_path / "model")
-    before = _files(folder)
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        logits = {"old": old(x).logits, "new": new(x).logits}
-    assert not torch.allclose(logits["old"], logits["new"])
-
-    ready = tmp_path / "ready"
-    child = multiprocessing.get_context("fork").Process(target=_save_until, args=(kill_point, new, folder, ready))
-    child.start()
-    deadline = time.monotonic() + 120
-    while not ready.exists():
-        assert child.is_alive(), f"the saving process ended early (exit code {child.exitcode})"
-        assert time.monotonic() < deadline, "the saving process never reached the kill point"
-        time.sleep(0.02)
-    os.kill(child.pid, signal.SIGKILL)
-    child.join()
-    assert child.exitcode == -signal.SIGKILL
-
-    expected = KILL_POINTS[kill_point]
-    if expected == "repaired":  # no target until the next save (or `_finish_interrupted_swap`) completes the swap
-        assert not folder.exists()
-        hub._finish_interrupted_swap(folder)
-        expected = "new"
-    if expected == "old":
-        assert _files(folder) == before  # byte for byte
-    else:
-        assert set(_files(folder)) == set(before)
-    loaded = ProtoPoolForImageClassification.from_pretrained(folder).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x).logits, logits[expected], rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- safe loading

@@ -35,10 +35,10 @@ def photos():
     return from_hf_dataset(raw.cast_column("image", datasets.Image()))
 
 
-@pytest.mark.parametrize("recipe", ["timm", "official"])
+@pytest.mark.parametrize("augmentation", ["timm", "official"])
 @pytest.mark.parametrize("train", [True, False])
-def test_make_transforms_shapes_from_the_config(config, photos, recipe, train):
-    ds = photos.with_transform(make_transforms(config, train=train, recipe=recipe))
+def test_make_transforms_shapes_from_the_config(config, photos, augmentation, train):
+    ds = photos.with_transform(make_transforms(config, train=train, augmentation=augmentation))
     batch = ds[:4]
     assert batch["pixel_values"].shape == (4, 3, 160, 160) and batch["pixel_values"].dtype == torch.float32
     assert batch["labels"].tolist() == [0, 1, 2, 1] and batch["index"].tolist() == [0, 1, 2, 3]
@@ -48,11 +48,11 @@ def test_make_transforms_shapes_from_the_config(config, photos, recipe, train):
     assert "index" not in collated and collate_fn([ds[3]], keep_index=True)["index"].tolist() == [3]
 
 
-@pytest.mark.parametrize("recipe", ["timm", "official"])
-def test_eval_transform_normalises_with_the_config_mean_and_std(recipe):
+@pytest.mark.parametrize("augmentation", ["timm", "official"])
+def test_eval_transform_normalises_with_the_config_mean_and_std(augmentation):
     flat = datasets.Dataset.from_dict({"image": [PIL.Image.new("RGB", (50, 20), (255, 128, 0))], "label": [0]})
     out = from_hf_dataset(flat.cast_column("image", datasets.Image())).with_transform(
-        make_transforms(SMALL, train=False, recipe=recipe)
+        make_transforms(SMALL, train=False, augmentation=augmentation)
     )[:1]["pixel_values"][0]
     expected = (torch.tensor([255, 128, 0]) / 255 - 0.5) / 0.25
     assert out.shape == (3, 32, 32)
@@ -80,9 +80,9 @@ def test_timm_training_options_of_a_data_config_reach_the_augmentation(photos):
     assert out.shape == (2, 3, 32, 32)
 
 
-@pytest.mark.parametrize("recipe", ["timm", "official"])
-def test_training_augmentation_is_seeded_by_seed_epoch_and_index(photos, recipe):
-    transform = make_transforms(SMALL, train=True, recipe=recipe, seed=3)
+@pytest.mark.parametrize("augmentation", ["timm", "official"])
+def test_training_augmentation_is_seeded_by_seed_epoch_and_index(photos, augmentation):
+    transform = make_transforms(SMALL, train=True, augmentation=augmentation, seed=3)
     assert transform.sample_seed(5) == 14539181121660479380  # pinned: a resumed run must derive the same seeds
     ds = photos.with_transform(transform)
     torch.manual_seed(123)
@@ -99,7 +99,7 @@ def test_training_augmentation_is_seeded_by_seed_epoch_and_index(photos, recipe)
     assert all(not torch.equal(a, b) for a, b in zip(first, second, strict=True))
     transform.set_epoch(0)
     assert torch.equal(ds[:4]["pixel_values"], first)
-    other_seed = photos.with_transform(make_transforms(SMALL, train=True, recipe=recipe, seed=4))[:4]
+    other_seed = photos.with_transform(make_transforms(SMALL, train=True, augmentation=augmentation, seed=4))[:4]
     assert not torch.equal(other_seed["pixel_values"], first)
 
 
@@ -130,8 +130,8 @@ def test_transform_errors(config, photos):
         from_hf_dataset(
             plain.cast_column("label", datasets.Value("int64")).map(lambda _: {"label": 5})
         ).with_transform(make_transforms(config, train=False))[0]
-    with pytest.raises(ValueError, match="recipe"):
-        make_transforms(config, train=True, recipe="augmentor")
+    with pytest.raises(ValueError, match="augmentation"):
+        make_transforms(config, train=True, augmentation="augmentor")
     with pytest.raises(ValueError, match=r"input_size must be \(3, H, W\)"):
         make_transforms({**SMALL, "input_size": (1, 32, 32)}, train=False)
     with pytest.raises(ValueError, match="empty batch"):

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from protopool_tiny import fashion_mnist, tiny_config, tiny_model
 
 from protopool_hf.backbone import leading_stage_parameters
-from protopool_hf.training import ProtoPoolRecipe, finish_distributed, train_protopool
+from protopool_hf.recipe import ProtoPoolRecipe
+from protopool_hf.training import finish_distributed, train_protopool
 
 
 def flat_state(model: torch.nn.Module) -> torch.Tensor:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 from transformers import TrainingArguments
 
 from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
@@ -38,14 +39,12 @@ def tiny_config(**overrides: Any) -> ProtoPoolConfig:
 
 
 def tiny_model(seed: int = 0, **overrides: Any) -> ProtoPoolForImageClassification:
-    import torch
-
     torch.manual_seed(seed)
     return ProtoPoolForImageClassification(tiny_config(**overrides))
 
 
 def fashion_mnist(
-    config: ProtoPoolConfig, n_train: int, n_val: int = 0, seed: int = 0, recipe: str = "timm"
+    config: ProtoPoolConfig, n_train: int, n_val: int = 0, seed: int = 0, augmentation: str = "timm"
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, datasets.Dataset]:
     """(augmented train, validation, un-augmented train for projection) from the committed Fashion-MNIST slice."""
     raw = load_fashion_mnist(FASHION_MNIST, split="train", limit=n_train + n_val)
@@ -54,7 +53,7 @@ def fashion_mnist(
         val = val.with_transform(make_transforms(config, train=False))
     else:
         train, val = raw, None
-    augmented = train.with_transform(make_transforms(config, train=True, recipe=recipe, seed=seed))
+    augmented = train.with_transform(make_transforms(config, train=True, augmentation=augmentation, seed=seed))
     plain = train.with_transform(make_transforms(config, train=False))
     return augmented, val, plain
 
@@ -88,3 +87,20 @@ def trainer_args(tmp_path: Path, **overrides: Any) -> TrainingArguments:
     }
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the module's state dict."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    """The names whose tensors differ between two snapshots."""
+    return {k for k, v in before.items() if not torch.equal(v, after[k])}
+
+
+def assert_state_dicts_equal(actual: dict, expected: dict, atol: float = 1e-6) -> None:
+    """Equal keys and tensors within `atol` (NaN equal to NaN)."""
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=0, atol=atol, equal_nan=True, msg=name)

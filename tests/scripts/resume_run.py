@@ -26,7 +26,8 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).parent))
 from protopool_tiny import fashion_mnist, tiny_config, tiny_model
 
-from protopool_hf.training import ProtoPoolRecipe, train_protopool
+from protopool_hf.recipe import ProtoPoolRecipe
+from protopool_hf.training import train_protopool
 
 
 class KillAt(TrainerCallback):

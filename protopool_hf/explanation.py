@@ -23,38 +23,36 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
-from .layers import log_similarity
-from .provenance import read_provenance
-from .torch_utils import evaluating
-from .visualization import (
-    PROTOTYPES_DIR,
-    PrototypeImages,
-    _class_name,
-    _fit,
-    _fit_text,
-    _font,
-    _line_height,
-    _model_device,
+from .drawing import (
+    ACCENT,
+    BACKGROUND,
+    MUTED,
+    NEGATIVE,
+    PANEL,
+    POSITIVE,
+    TEXT,
+    class_name,
     draw_box,
+    fit_image,
+    fit_text,
     heatmap_overlay,
-    high_activation_box,
-    model_view,
-    preprocess,
-    prototype_filenames,
-    render_prototypes,
-    upsample_map,
+    line_height,
+    load_font,
+    wrap_text,
 )
+from .layers import log_similarity
+from .maps import _model_device, high_activation_box, model_view, preprocess, upsample_map
+from .pictures import collect_prototype_pictures, render_prototypes
+from .sources import _prototype_sources
+from .torch_utils import evaluating
 
 
 __all__ = ["Explanation", "SlotContribution", "explain"]
 
-_BACKGROUND = (255, 255, 255)
-_PANEL = (244, 244, 244)
-_TEXT = (30, 30, 30)
-_MUTED = (110, 110, 110)
-_POSITIVE = (24, 120, 60)
-_NEGATIVE = (180, 40, 40)
-_ACCENT = (40, 90, 170)
+#: Shown in the panel where a prototype has no picture: what a library user and a CLI user can do.
+NO_PICTURE_NOTE = (
+    "no picture: run protopool-hf project (it draws them in the model folder), or pass dataset= or prototype_images="
+)
 
 
 @dataclass
@@ -76,12 +74,13 @@ class SlotContribution:
     Example:
         ```python
         >>> import numpy as np
-        >>> from protopool_hf.explain import SlotContribution
+        >>> from protopool_hf.explanation import SlotContribution
         >>> grid = np.zeros((5, 5), dtype=np.float32)
         >>> grid[1, 3] = 4.0
         >>> slot = SlotContribution(0, 1, 7, 2.0, 0.5, 1.0, grid, (1, 3), (160, 160))
         >>> slot.activation.shape, slot.box
         ((160, 160), (28, 68, 92, 132))
+
         ```
     """
 
@@ -144,7 +143,7 @@ class Explanation:
         ```python
         >>> import PIL.Image
         >>> from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
-        >>> from protopool_hf.explain import explain
+        >>> from protopool_hf.explanation import explain
         >>> config = ProtoPoolConfig(backbone="test_resnet", num_labels=3, num_prototypes=6, num_slots_per_class=2)
         >>> model = ProtoPoolForImageClassification(config).eval()
         >>> explanation = explain(model, PIL.Image.new("RGB", (200, 150), "orange"), top_k=2)
@@ -154,6 +153,7 @@ class Explanation:
         True
         >>> explanation.render().mode
         'RGB'
+
         ```
     """
 
@@ -225,8 +225,17 @@ class Explanation:
         """
         if max_slots < 1:
             raise ValueError(f"max_slots must be >= 1, got {max_slots}.")
+        if prototype_images is not None and dataset is not None:
+            raise ValueError("Pass either prototype_images= or dataset=, not both.")
         shown = self.slots[:max_slots]
-        pictures = self._prototype_pictures([s.prototype_id for s in shown], prototype_images, dataset)
+        ids = [s.prototype_id for s in shown]
+        if dataset is None:
+            pictures = collect_prototype_pictures(ids, prototype_images, self._model)
+        elif self._model is None:
+            raise ValueError("Drawing prototypes from a dataset needs the model: use explain(...)'s result.")
+        else:
+            rendered = render_prototypes(self._model, dataset, sorted(set(ids)))
+            pictures = {p: [images.overlay, images.crop] for p, images in rendered.items()}
         return _render_panel(self, shown, pictures, thumb_size)
 
     def save(self, path: str | os.PathLike, **render_kwargs: Any) -> Path:
@@ -247,74 +256,6 @@ class Explanation:
             self.render(**render_kwargs).save(path)
         return path
 
-    # ------------------------------------------------------------------ prototype pictures
-    def _prototype_pictures(
-        self, ids: Sequence[int], source: Mapping[int, Any] | str | os.PathLike | None, dataset: Any | None
-    ) -> dict[int, list[PIL.Image.Image]]:
-        """`{prototype id: [pictures]}` (source with box, crop) from a folder, a mapping or the dataset."""
-        if source is not None and dataset is not None:
-            raise ValueError("Pass either prototype_images= or dataset=, not both.")
-        if dataset is not None:
-            if self._model is None:
-                raise ValueError("Drawing prototypes from a dataset needs the model: use explain(...)'s result.")
-            rendered = render_prototypes(self._model, dataset, sorted(set(ids)))
-            return {p: [images.overlay, images.crop] for p, images in rendered.items()}
-        if source is None:
-            folder = _model_prototype_folder(self._model)
-            if folder is None:
-                return {}
-            source = folder
-        if isinstance(source, str | os.PathLike):
-            return _pictures_from_folder(Path(source), ids)
-        out = {}
-        for p in ids:
-            value = source.get(p, source.get(str(p)))
-            if value is None:
-                continue
-            if isinstance(value, PrototypeImages):
-                out[p] = [value.overlay, value.crop]
-            elif isinstance(value, PIL.Image.Image):
-                out[p] = [value]
-            else:
-                if not Path(value).is_file():
-                    raise FileNotFoundError(f"Picture {value} of prototype {p} not found.")
-                out[p] = [_open(Path(value))]
-        return out
-
-
-def _open(path: Path) -> PIL.Image.Image:
-    with PIL.Image.open(path) as image:
-        return image.convert("RGB")
-
-
-def _model_prototype_folder(model: Any) -> Path | None:
-    """`<model folder>/prototypes` when the model was loaded from a local folder that has one."""
-    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
-    if not name:
-        return None
-    folder = Path(name) / PROTOTYPES_DIR
-    return folder if folder.is_dir() else None
-
-
-def _pictures_from_folder(folder: Path, ids: Sequence[int]) -> dict[int, list[PIL.Image.Image]]:
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"Prototype picture folder {folder} not found: pass the folder save_prototype_images wrote "
-            "(the model folder or its prototypes/), or dataset= to draw the prototypes."
-        )
-    if (folder / PROTOTYPES_DIR).is_dir():
-        folder = folder / PROTOTYPES_DIR
-    out = {}
-    for p in ids:
-        names = prototype_filenames(p)
-        found = [folder / names[kind] for kind in ("overlay", "crop")]
-        if not found[0].is_file():
-            found[0] = folder / names["source"]
-        pictures = [_open(path) for path in found if path.is_file()]
-        if pictures:
-            out[p] = pictures
-    return out
-
 
 # --------------------------------------------------------------------------- explain
 
@@ -324,7 +265,7 @@ def _resolve_class(config: Any, class_id: int | str | None, default: int) -> int
         return default
     if isinstance(class_id, str):
         label2id = {str(name): int(c) for c, name in (getattr(config, "id2label", None) or {}).items()}
-        label2id |= {_class_name(config, c): c for c in set(label2id.values())}
+        label2id |= {class_name(config, c): c for c in set(label2id.values())}
         label2id |= {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
         if class_id not in label2id:
             raise ValueError(
@@ -358,7 +299,7 @@ def explain(
         top_k: how many classes to list with their probabilities.
         class_id: the class to explain (id or name); defaults to the predicted class.
         percentile: the high-activation box threshold.
-        colormap: the heat map's colour map (see `visualization.colormap_lut`).
+        colormap: the heat map's colour map (see `protopool_hf.drawing.colormap_lut`).
 
     Returns:
         The `Explanation`; its slot contributions add up to `logit` (to float rounding).
@@ -375,7 +316,7 @@ def explain(
         )
     device, dtype = _model_device(model)
     with evaluating(model):
-        features = model.feature_map(pixel_values.to(device=device, dtype=dtype))
+        features = model.forward_features(pixel_values.to(device=device, dtype=dtype))
         head_out = model.head(features)
         distances = model.head.distances(features)[0].float().cpu()  # (P, H, W)
         assignment = head_out.slot_assignment.float().cpu()  # (C, P, S)
@@ -383,7 +324,7 @@ def explain(
     similarities = head_out.similarities[0].float().cpu()  # (C, S)
     probabilities = torch.softmax(logits.double(), dim=0)
     num_classes, num_slots = similarities.shape
-    id2label = {c: _class_name(config, c) for c in range(num_classes)}
+    id2label = {c: class_name(config, c) for c in range(num_classes)}
     order = torch.argsort(probabilities, descending=True, stable=True)[: min(top_k, num_classes)].tolist()
     top_classes = [(c, id2label[c], float(probabilities[c])) for c in order]
     predicted = int(order[0])
@@ -432,21 +373,8 @@ def explain(
 # --------------------------------------------------------------------------- rendering
 
 
-def _prototype_sources(model: Any, id2label: Mapping[int, str]) -> dict[int, str]:
-    """`{prototype id: "projected on a <class> image"}` for the projected prototypes of `model`."""
-    if getattr(model, "head", None) is None:
-        return {}
-    provenance = read_provenance(model)
-    index, labels = provenance.image_index.tolist(), provenance.label.tolist()
-    return {
-        p: f"projected on a {id2label.get(label, str(label))} image"
-        for p, (i, label) in enumerate(zip(index, labels, strict=True))
-        if i >= 0 and label >= 0
-    }
-
-
 def _signed(value: float) -> tuple[str, tuple[int, int, int]]:
-    return f"{value:+.3f}", _POSITIVE if value >= 0 else _NEGATIVE
+    return f"{value:+.3f}", POSITIVE if value >= 0 else NEGATIVE
 
 
 def _render_panel(
@@ -456,46 +384,46 @@ def _render_panel(
     thumb: int,
 ) -> PIL.Image.Image:
     margin, gap = 20, 12
-    title_font, head_font, body_font, small_font = _font(24), _font(17), _font(15), _font(13)
+    title_font, head_font, body_font, small_font = load_font(24), load_font(17), load_font(15), load_font(13)
     colormap = explanation.colormap
     sources = _prototype_sources(explanation._model, explanation.id2label)
     text_w = 300
     arrow_w = 96
     row_w = thumb + arrow_w + 2 * thumb + 3 * gap + text_w
     width = 2 * margin + row_w
-    line, small_line = _line_height(body_font), _line_height(small_font)
+    line, small_line = line_height(body_font), line_height(small_font)
 
     # Header: the input, the prediction and the top classes.
-    header_h = max(thumb, _line_height(title_font) + 2 * _line_height(head_font) + len(explanation.top_classes) * line)
-    column_h = _line_height(small_font) + 6
+    header_h = max(thumb, line_height(title_font) + 2 * line_height(head_font) + len(explanation.top_classes) * line)
+    column_h = line_height(small_font) + 6
     row_h = thumb + 8
     footer_h = (2 if explanation.hard_assignment else 3) * small_line + 4
     height = 2 * margin + header_h + gap + column_h + len(shown) * (row_h + gap) + footer_h
-    canvas = PIL.Image.new("RGB", (width, height), _BACKGROUND)
+    canvas = PIL.Image.new("RGB", (width, height), BACKGROUND)
     draw = PIL.ImageDraw.Draw(canvas)
 
-    canvas.paste(_fit(explanation.image, (thumb, thumb)), (margin, margin))
+    canvas.paste(fit_image(explanation.image, (thumb, thumb)), (margin, margin))
     x, y = margin + thumb + 2 * gap, margin
     text_width = width - x - margin
     prob = float(explanation.probabilities[explanation.predicted_class])
     draw.text(
         (x, y),
-        _fit_text(f"Prediction: {explanation.predicted_label} ({prob:.1%})", text_width, title_font),
-        fill=_TEXT,
+        fit_text(f"Prediction: {explanation.predicted_label} ({prob:.1%})", text_width, title_font),
+        fill=TEXT,
         font=title_font,
     )
-    y += _line_height(title_font) + 4
+    y += line_height(title_font) + 4
     bar_w = 160
     for rank, (c, label, p) in enumerate(explanation.top_classes, start=1):
-        draw.rectangle((x, y + 3, x + bar_w, y + line - 5), fill=_PANEL)
-        draw.rectangle((x, y + 3, x + max(1, round(bar_w * p)), y + line - 5), fill=_ACCENT)
+        draw.rectangle((x, y + 3, x + bar_w, y + line - 5), fill=PANEL)
+        draw.rectangle((x, y + 3, x + max(1, round(bar_w * p)), y + line - 5), fill=ACCENT)
         text = f"{rank}. {label}  {p:.1%}  (logit {float(explanation.logits[c]):.3f})"
-        draw.text((x + bar_w + 10, y), _fit_text(text, text_width - bar_w - 10, body_font), fill=_TEXT, font=body_font)
+        draw.text((x + bar_w + 10, y), fit_text(text, text_width - bar_w - 10, body_font), fill=TEXT, font=body_font)
         y += line
     y += 8
     why = f"Why {explanation.class_label}? logit {explanation.logit:.3f} = sum of {len(explanation.slots)} slots"
     why += f" (similarity x weight); the top {len(shown)} below." if shown else "."
-    draw.text((x, y), _fit_text(why, text_width, head_font), fill=_TEXT, font=head_font)
+    draw.text((x, y), fit_text(why, text_width, head_font), fill=TEXT, font=head_font)
 
     # Column headings.
     y = margin + header_h + gap
@@ -507,49 +435,50 @@ def _render_panel(
         (x_proto, "looks like prototype (its source, its crop)"),
         (x_text, "score"),
     ):
-        draw.text((xpos, y), heading, fill=_MUTED, font=small_font)
+        draw.text((xpos, y), heading, fill=MUTED, font=small_font)
     y += column_h
 
     for slot in shown:
-        draw.rectangle((margin - 8, y - 4, width - margin + 8, y + row_h - 4), fill=_PANEL)
+        draw.rectangle((margin - 8, y - 4, width - margin + 8, y + row_h - 4), fill=PANEL)
         fired = draw_box(heatmap_overlay(explanation.image, slot.activation, colormap), slot.box)
-        canvas.paste(_fit(fired, (thumb, thumb), _PANEL), (x0, y))
+        canvas.paste(fit_image(fired, (thumb, thumb), PANEL), (x0, y))
         arrow_y = y + thumb // 2
-        draw.line((x0 + thumb + 14, arrow_y, x_proto - 18, arrow_y), fill=_MUTED, width=3)
-        draw.polygon([(x_proto - 10, arrow_y), (x_proto - 22, arrow_y - 8), (x_proto - 22, arrow_y + 8)], fill=_MUTED)
-        draw.text((x0 + thumb + 14, arrow_y - line - 2), "looks like", fill=_MUTED, font=small_font)
+        draw.line((x0 + thumb + 14, arrow_y, x_proto - 18, arrow_y), fill=MUTED, width=3)
+        draw.polygon([(x_proto - 10, arrow_y), (x_proto - 22, arrow_y - 8), (x_proto - 22, arrow_y + 8)], fill=MUTED)
+        draw.text((x0 + thumb + 14, arrow_y - line - 2), "looks like", fill=MUTED, font=small_font)
         own = pictures.get(slot.prototype_id, [])
         if own:
             for k, picture in enumerate(own[:2]):
-                canvas.paste(_fit(picture, (thumb, thumb), _PANEL), (x_proto + k * (thumb + gap // 2), y))
+                canvas.paste(fit_image(picture, (thumb, thumb), PANEL), (x_proto + k * (thumb + gap // 2), y))
         else:
-            note = ["no picture: pass", "dataset= or", "prototype_images="]
+            note = wrap_text(NO_PICTURE_NOTE, 2 * thumb - 10, small_font, max(1, thumb // small_line))
+            top = y + (thumb - len(note) * small_line) // 2
             for k, text in enumerate(note):
-                draw.text((x_proto + 10, y + thumb // 2 - line + k * small_line), text, fill=_MUTED, font=small_font)
+                draw.text((x_proto + 10, top + k * small_line), text, fill=MUTED, font=small_font)
         ty = y + 4
         owner = explanation.id2label.get(slot.class_id, str(slot.class_id))
         title = f"prototype {slot.prototype_id}"
-        draw.text((x_text, ty), _fit_text(title, text_w, head_font), fill=_TEXT, font=head_font)
-        ty += _line_height(head_font)
+        draw.text((x_text, ty), fit_text(title, text_w, head_font), fill=TEXT, font=head_font)
+        ty += line_height(head_font)
         where = f"slot {slot.slot} of {owner}" + ("" if slot.class_id == explanation.class_id else " (other class)")
-        draw.text((x_text, ty), _fit_text(where, text_w, small_font), fill=_MUTED, font=small_font)
+        draw.text((x_text, ty), fit_text(where, text_w, small_font), fill=MUTED, font=small_font)
         ty += small_line
         if slot.prototype_id in sources:
             draw.text(
-                (x_text, ty), _fit_text(sources[slot.prototype_id], text_w, small_font), fill=_MUTED, font=small_font
+                (x_text, ty), fit_text(sources[slot.prototype_id], text_w, small_font), fill=MUTED, font=small_font
             )
         ty += small_line + 6
         for label, value, color in (
-            ("similarity", f"{slot.similarity:.3f}", _TEXT),
-            ("x weight", f"{slot.weight:.3f}", _TEXT),
+            ("similarity", f"{slot.similarity:.3f}", TEXT),
+            ("x weight", f"{slot.weight:.3f}", TEXT),
             ("= contribution", *_signed(slot.contribution)),
         ):
-            draw.text((x_text, ty), label, fill=_MUTED, font=body_font)
+            draw.text((x_text, ty), label, fill=MUTED, font=body_font)
             draw.text((x_text + 130, ty), value, fill=color, font=body_font)
             ty += line
         share = slot.contribution / explanation.logit if explanation.logit else float("nan")
         if math.isfinite(share):
-            draw.text((x_text, ty + 2), f"{share:.0%} of the logit", fill=_MUTED, font=small_font)
+            draw.text((x_text, ty + 2), f"{share:.0%} of the logit", fill=MUTED, font=small_font)
         y += row_h + gap
 
     shown_sum = math.fsum(s.contribution for s in shown)
@@ -565,6 +494,6 @@ def _render_panel(
         lines.append("slot assignment not hardened: each slot mixes prototypes; the dominant one is shown")
     for k, text in enumerate(lines[:3]):
         draw.text(
-            (margin, y + k * small_line), _fit_text(text, width - 2 * margin, small_font), fill=_MUTED, font=small_font
+            (margin, y + k * small_line), fit_text(text, width - 2 * margin, small_font), fill=MUTED, font=small_font
         )
     return canvas

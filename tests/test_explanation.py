@@ -7,12 +7,15 @@ from pathlib import Path
 import datasets
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
 import pytest
 import torch
 
 from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
-from protopool_hf import visualization as viz
-from protopool_hf.explain import Explanation, explain
+from protopool_hf.explanation import Explanation, explain
+from protopool_hf.gallery import save_prototype_images
+from protopool_hf.maps import model_view, preprocess, prototype_activation
+from protopool_hf.pictures import render_prototypes
 
 
 PHOTOS = sorted((Path(__file__).parent / "data" / "photos").glob("*.jpg"))
@@ -40,7 +43,7 @@ def make_model(seed: int = 0) -> ProtoPoolForImageClassification:
 
 def project_by_hand(model: ProtoPoolForImageClassification, dataset) -> None:
     """Class c uses prototypes c and c + 4, each set to a patch of the class's photo, with its provenance."""
-    pixels = torch.cat([viz.preprocess(dataset[i]["image"], model.config) for i in range(4)])
+    pixels = torch.cat([preprocess(dataset[i]["image"], model.config) for i in range(4)])
     image = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     row, col = torch.tensor([1, 2, 3, 4, 4, 0, 2, 1]), torch.tensor([2, 4, 3, 1, 4, 0, 0, 3])
     with torch.no_grad():
@@ -67,7 +70,7 @@ def projected(dataset) -> ProtoPoolForImageClassification:
 
 def model_outputs(model, image):
     with torch.no_grad():
-        return model(viz.preprocess(image, model.config))
+        return model(preprocess(image, model.config))
 
 
 def assert_sums_to_logit(explanation: Explanation) -> None:
@@ -149,9 +152,7 @@ def test_top_k_probabilities(projected):
 def test_heat_maps_and_boxes_fit_the_model_view(projected):
     explanation = explain(projected, PHOTOS[2])  # 1024 × 683: resized and centre-cropped to 160 × 160
     assert explanation.image.size == (160, 160)
-    np.testing.assert_array_equal(
-        np.asarray(explanation.image), np.asarray(viz.model_view(PHOTOS[2], projected.config))
-    )
+    np.testing.assert_array_equal(np.asarray(explanation.image), np.asarray(model_view(PHOTOS[2], projected.config)))
     for slot in explanation.slots:
         assert slot.activation.shape == (160, 160)
         assert slot.feature_activation.shape == (5, 5)
@@ -160,7 +161,7 @@ def test_heat_maps_and_boxes_fit_the_model_view(projected):
         assert 0 <= left < right <= 160
         # Hard assignment: the slot's map is its prototype's map.
         np.testing.assert_allclose(
-            slot.activation, viz.prototype_activation(projected, PHOTOS[2], slot.prototype_id), rtol=1e-5, atol=1e-5
+            slot.activation, prototype_activation(projected, PHOTOS[2], slot.prototype_id), rtol=1e-5, atol=1e-5
         )
         assert slot.location == np.unravel_index(slot.feature_activation.argmax(), (5, 5))
 
@@ -178,7 +179,7 @@ def test_a_prototype_fires_where_it_was_projected(projected):
 def test_image_as_pil_path_or_tensor(projected):
     by_path = explain(projected, PHOTOS[1])
     by_pil = explain(projected, PIL.Image.open(PHOTOS[1]))
-    pixels = viz.preprocess(PHOTOS[1], projected.config)
+    pixels = preprocess(PHOTOS[1], projected.config)
     by_batch, by_tensor = explain(projected, pixels), explain(projected, pixels[0])
     for other in (by_pil, by_batch, by_tensor):
         np.testing.assert_array_equal(other.logits, by_path.logits)
@@ -226,7 +227,7 @@ def test_model_loaded_from_a_folder_and_its_processor(projected, dataset, tmp_pa
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     projected.save_pretrained(tmp_path)
-    viz.save_prototype_images(projected, dataset, tmp_path)
+    save_prototype_images(projected, dataset, tmp_path)
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
     assert loaded.is_assignment_hard
     reference = explain(projected, PHOTOS[3])
@@ -263,24 +264,21 @@ def test_model_loaded_with_remote_code(projected, tmp_path):
 def test_render_with_dataset_folder_mapping_or_nothing(projected, dataset, tmp_path):
     explanation = explain(projected, PHOTOS[0], top_k=3)
     plain = explanation.render(max_slots=2, thumb_size=96)
-    with_data = explanation.render(dataset=dataset, max_slots=2, thumb_size=96)
-    viz.save_prototype_images(projected, dataset, tmp_path)
+    with_data = explanation.render(dataset=dataset, max_slots=2, thumb_size=96)  # draws the 2 shown prototypes
+    save_prototype_images(projected, dataset, tmp_path)  # draws every prototype, the 4 photos in one batch
     from_folder = explanation.render(prototype_images=tmp_path / "prototypes", max_slots=2, thumb_size=96)
-    # Like with like: `dataset=` draws only the shown prototypes' images in one batch, save_prototype_images draws
-    # all four images in one batch; the distance kernel may round differently for another batch (N·H·W), and
-    # φ(d) amplifies that near d = 0 by up to 1/ε (a grey level or two on the overlays). So each path is compared
-    # with the mapping drawn from the same batch.
     shown = sorted({s.prototype_id for s in explanation.slots[:2]})
-    from_mapping = explanation.render(
-        prototype_images=viz.render_prototypes(projected, dataset, shown), max_slots=2, thumb_size=96
+    from_shown = explanation.render(
+        prototype_images=render_prototypes(projected, dataset, shown), max_slots=2, thumb_size=96
     )
-    all_pictures = viz.render_prototypes(projected, dataset)
-    from_all = explanation.render(prototype_images=all_pictures, max_slots=2, thumb_size=96)
-    for image in (plain, with_data, from_folder, from_mapping, from_all):
+    every = render_prototypes(projected, dataset)
+    from_every = explanation.render(prototype_images=every, max_slots=2, thumb_size=96)
+    for image in (plain, with_data, from_folder, from_shown, from_every):
         assert image.mode == "RGB"
         assert image.size == plain.size
-    assert np.array_equal(np.asarray(with_data), np.asarray(from_mapping))
-    assert np.array_equal(np.asarray(from_all), np.asarray(from_folder))  # PNG is lossless
+    # Like with like: another batch of photos runs other kernels, and phi(d) amplifies their float32 rounding.
+    assert np.array_equal(np.asarray(with_data), np.asarray(from_shown))
+    assert np.array_equal(np.asarray(from_every), np.asarray(from_folder))  # PNG is lossless
     assert not np.array_equal(np.asarray(plain), np.asarray(with_data))
     shorter = explanation.render(max_slots=1, thumb_size=96)
     assert shorter.height < plain.height
@@ -289,6 +287,39 @@ def test_render_with_dataset_folder_mapping_or_nothing(projected, dataset, tmp_p
         explanation.render(prototype_images=tmp_path, dataset=dataset)
     with pytest.raises(FileNotFoundError, match="save_prototype_images"):
         explanation.render(prototype_images=tmp_path / "missing")
+
+
+@pytest.mark.parametrize("thumb_size", [96, 176])
+def test_render_without_pictures_says_what_cli_and_library_users_can_do(projected, monkeypatch, thumb_size):
+    drawn = []
+    text = PIL.ImageDraw.ImageDraw.text
+
+    def record(self, xy, words, *args, **kwargs):
+        drawn.append((words, kwargs.get("font")))
+        return text(self, xy, words, *args, **kwargs)
+
+    monkeypatch.setattr(PIL.ImageDraw.ImageDraw, "text", record)
+    explain(projected, PHOTOS[0]).render(max_slots=1, thumb_size=thumb_size)  # an in-memory model: no folder
+    start = next(i for i, (words, _) in enumerate(drawn) if words.startswith("no picture"))
+    end = next(i for i in range(start, len(drawn)) if "prototype_images=" in drawn[i][0])  # the note is whole
+    told = " ".join(words for words, _ in drawn[start : end + 1])
+    assert "protopool-hf project" in told and "dataset=" in told
+    for words, font in drawn[start : end + 1]:
+        assert font.getlength(words) <= 2 * thumb_size - 10  # inside the prototype's two picture cells
+
+
+def test_explain_is_the_function_after_every_module_is_imported():
+    import importlib
+    import inspect
+    import pkgutil
+
+    import protopool_hf
+
+    for info in pkgutil.iter_modules(protopool_hf.__path__):
+        importlib.import_module(f"protopool_hf.{info.name}")
+    from protopool_hf import explain as by_name
+
+    assert inspect.isfunction(by_name) and by_name is explain and protopool_hf.explain is explain
 
 
 def test_render_needs_a_projected_model_for_dataset_pictures(dataset):

@@ -13,10 +13,10 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from transformers import AutoModelForImageClassification
 
-import protopool_hf
-from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
+from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification, explain
 from protopool_hf.cli import main
 from protopool_hf.data import FASHION_MNIST_LABELS, load_fashion_mnist
+from protopool_hf.pictures import render_prototypes
 from protopool_hf.provenance import (
     PROVENANCE_BUFFERS,
     Provenance,
@@ -188,13 +188,6 @@ def test_check_dataset_name_warns_for_another_split_only():
 # --------------------------------------------------------------------------- the success path, end to end
 
 
-def explain_function():
-    """`protopool_hf.explain`, the function (until the module of the same name is renamed, an import of that module
-    replaces the package attribute)."""
-    explain = protopool_hf.explain
-    return explain if callable(explain) else explain.explain
-
-
 @pytest.fixture(scope="module")
 def projected_folder(tmp_path_factory) -> Path:
     """`protopool-hf project` on the first 40 Fashion-MNIST training images, as a user runs it."""
@@ -218,14 +211,12 @@ def test_cli_project_records_the_name_that_pictures_and_explain_recognise(projec
     model = AutoModelForImageClassification.from_pretrained(projected_folder)
     assert model.config.projection_dataset == "fashion_mnist/train"
     assert read_provenance(model).projected_ids
-    from protopool_hf.visualization import render_prototypes
-
     train = load_fashion_mnist(FASHION, "train", limit=40)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pictures = render_prototypes(model, train)
         image = train[0]["image"]
-        panel = explain_function()(model, image).render(dataset=train)
+        panel = explain(model, image).render(dataset=train)
     assert sorted(pictures) == read_provenance(model).projected_ids and panel.width > 0
 
     test = load_fashion_mnist(FASHION, "test")

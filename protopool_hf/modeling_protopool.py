@@ -45,6 +45,7 @@ from .layers import focal_similarity, slot_assignment, slot_class_identity, squa
 from .loading import StrictLoadingMixin
 from .losses import LossWeights, all_loss_terms, weighted_total
 from .provenance import PROVENANCE_BUFFERS, Provenance, clear_provenance, register_provenance_buffers, write_provenance
+from .torch_utils import check_labels
 
 
 __all__ = [
@@ -434,17 +435,7 @@ class ProtoPoolForImageClassification(GumbelScheduleMixin, ProtoPoolPreTrainedMo
         labels = torch.as_tensor(labels, device=self.head.prototypes.device).long()
         if labels.ndim != 1:
             raise ValueError(f"`labels` must be a 1-D tensor of class indices, got shape {tuple(labels.shape)}.")
-        if torch.compiler.is_compiling():
-            # No Python branch on a value under torch.compile / torch.export: an assertion op in the graph.
-            in_range = ((labels >= 0) & (labels < self.config.num_labels)).all()
-            torch._assert_async(in_range, f"`labels` outside [0, {self.config.num_labels}) for this model's classes")
-            return labels
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.config.num_labels):
-            bad = labels[(labels < 0) | (labels >= self.config.num_labels)].unique().tolist()
-            raise ValueError(
-                f"`labels` holds {bad}, outside [0, {self.config.num_labels}) for this model's "
-                f"{self.config.num_labels} classes: check the dataset's label column against the config's id2label."
-            )
+        check_labels(labels, self.config.num_labels)  # an assertion op in the graph under torch.compile
         return labels
 
     @torch.no_grad()

@@ -1,5 +1,5 @@
 # protopool-hf: two commands do all the set-up on a fresh machine.
-#   make test       installs (.venv, the package with its dev and docs extras), then lint, format check, the tests
+#   make test       installs (.venv, the package with its dev, docs, viz, onnx and app extras), then lint, format check, the tests
 #                   without those marked slow, docs build
 #   make test-all   the same with the slow tests too (several processes, short training runs): what CI runs (.ci/run)
 #   make demo       installs, then trains ProtoPool on real Fashion-MNIST and writes demo-output/
@@ -34,7 +34,7 @@ $(PINS): FORCE | $(BIN)/python
 
 $(VENV)/.installed: $(BIN)/python $(PINS) pyproject.toml
 	$(BIN)/python -m pip install --quiet $(TORCH_PINS)
-	$(BIN)/python -m pip install --quiet -e ".[dev,docs,viz,onnx]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,docs,viz,onnx,app]"
 	touch $@
 
 FORCE:

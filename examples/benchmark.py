@@ -10,6 +10,7 @@ a shared, noisy machine slows both alike; ratios are the numbers to quote.
     python examples/benchmark.py accuracy                                  # ProtoPool vs a linear head, Fashion-MNIST
     python examples/benchmark.py cli                                       # `protopool-hf [COMMAND] --help` start-up
     python examples/benchmark.py deploy                                    # eager vs torch.compile vs onnxruntime
+    python examples/benchmark.py app                                       # the explorer's /explain, request to picture
 
 `--quick` shrinks every subcommand to a check of a few seconds to a few minutes. The CUB setting is C=200
 classes, P=202 prototypes, S=10 slots, D=256 (`ProtoPoolConfig.from_preset("cub200")`); backbones are built with
@@ -707,7 +708,7 @@ def bench_accuracy(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- cli
-CLI_COMMANDS = ("", "train", "project", "explain", "push", "convert", "export")
+CLI_COMMANDS = ("", "train", "project", "explain", "evaluate", "push", "convert", "export", "app", "space")
 
 
 def bench_cli(args: argparse.Namespace) -> dict[str, Any]:
@@ -837,6 +838,80 @@ def bench_deploy(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- app
+# The explorer's models: the demo's (EfficientNet-Lite0, stage 3, 64 px, Fashion-MNIST's 10 classes, P=50, S=5, D=64)
+# and a ResNet-50 at 224 px with the CUB head, both with random weights (pretrained=False: timings do not depend on them).
+APP_MODELS = {
+    "demo (lite0, 64 px)": {
+        "backbone": "tf_efficientnet_lite0", "feature_stage": 3, "input_size": [3, 64, 64], "crop_pct": 1.0,
+        "num_labels": 10, "num_prototypes": 50, "num_slots_per_class": 5, "prototype_dim": 64,
+    },
+    "resnet50, 224 px, CUB head": {"backbone": "resnet50", "input_size": [3, 224, 224], **CUB},
+}  # fmt: skip
+
+
+def bench_app(args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds from request to picture of the explorer's `/explain`, through gradio_client (median of repeats).
+
+    Each model is saved to a folder, served by `protopool_hf.app.build_app` on 127.0.0.1 in this process, and asked
+    to explain a 512 px photo; the client uploads the image and downloads the picture, as a user's script would.
+    Each request alternates with the same work done in-process (`Explorer.explain`: forward pass, slot maps, the
+    rendered picture), so the difference is the app's own cost (HTTP, queue, PNG encoding, files).
+    """
+    import socket
+    import tempfile
+
+    from gradio_client import Client, handle_file
+
+    from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
+    from protopool_hf.app import build_app
+    from protopool_hf.explorer import Explorer, read_upload
+
+    torch.set_num_threads(args.threads)
+    image = sorted((EXAMPLES.parent / "tests" / "data" / "photos").glob("*.jpg"))[0]
+    repeats = 3 if args.quick else args.repeats
+    models = (
+        {"test_resnet, 64 px": {"backbone": "test_resnet", "input_size": [3, 64, 64]}} if args.quick else APP_MODELS
+    )
+    rows, results = [], {}
+    for name, fields in models.items():
+        torch.manual_seed(0)
+        model = ProtoPoolForImageClassification(ProtoPoolConfig(backbone_pretrained=False, **fields))
+        with tempfile.TemporaryDirectory() as folder, socket.socket() as probe:
+            model.save_pretrained(folder)
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+            probe.close()
+            app = build_app(folder)
+            explorer = Explorer.load(folder)
+            app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                for _ in range(2):  # warm-up: first-call allocations, fonts
+                    client.predict(handle_file(str(image)), api_name="/explain")
+                times, inside = [], []
+                for _ in range(repeats):  # through the app, then the same work in-process (no HTTP, no files)
+                    start = time.perf_counter()
+                    client.predict(handle_file(str(image)), api_name="/explain")
+                    times.append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    explorer.explain(read_upload(image), None, 5)
+                    inside.append(time.perf_counter() - start)
+            finally:
+                app.close()
+        results[name] = {
+            "median_s": statistics.median(times),
+            "min_s": min(times),
+            "max_s": max(times),
+            "in_process_median_s": statistics.median(inside),
+        }
+        rows.append([name, statistics.median(times), min(times), max(times), statistics.median(inside)])
+    load = os.getloadavg()[0]
+    title = f"/explain through gradio_client, {repeats} requests each, {args.threads} threads, load average {load:.1f}"
+    print_table(title, ["model", "median s", "min s", "max s", "in-process explain + picture, median s"], rows)
+    return {"repeats": repeats, "image": image.name, "load_average_1min": load, "results": results}
+
+
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per benchmark (and `_memory`, the speed benchmark's child process)."""
@@ -909,6 +984,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even if a GPU is present")
 
+    p = sub.add_parser("app", help="the explorer's /explain through gradio_client: request to picture")
+    common(p, "app", threads=2)
+    p.add_argument("--repeats", type=int, default=15)
+
     p = sub.add_parser("_memory", help=argparse.SUPPRESS)
     p.add_argument("--backbone", required=True)
     p.add_argument("--kind", choices=("protopool", "linear"), required=True)
@@ -931,6 +1010,7 @@ def main(argv: list[str] | None = None) -> None:
         "accuracy": bench_accuracy,
         "cli": bench_cli,
         "deploy": bench_deploy,
+        "app": bench_app,
     }
     payload = run[args.command](args)
     write_json(args.output, {"benchmark": args.command, "quick": args.quick, **payload})

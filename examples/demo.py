@@ -9,6 +9,7 @@ evaluates on the full 10 000-image test split, and writes into the output folder
 
     model/                  the model folder: weights, config, code, model card (README.md), prototypes/*.png
     model/prototypes/gallery.png   every prototype a class uses, as the training patch it was projected on
+    model/examples/*.png    one test image per class, the explorer app's examples (`protopool-hf app demo-output/model`)
     explanations/*.png      why the model classified a few test images as it did
     metrics.json            test accuracy, timings, sizes and the settings
     run/                    the recipe's phase checkpoints
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import PIL.Image
 import torch
 import torch.nn.functional as F
 
@@ -297,6 +299,7 @@ def write_outputs(
     folder = output_dir / "model"
     print(f"Writing the model folder, the prototype pictures and the model card to {folder} ...", flush=True)
     save_demo_model_folder(model, folder, data["train_raw"], metrics["test_accuracy"], recipe)
+    write_example_images(folder / "examples", data["test_raw"], model.config.id2label)
     explanations = output_dir / "explanations"
     explanations.mkdir(parents=True, exist_ok=True)
     written = []
@@ -322,6 +325,22 @@ def write_outputs(
         "explanations": written,
         "pictures_seconds": time.perf_counter() - start,
     }
+
+
+def write_example_images(folder: Path, test_raw: Any, id2label: dict[int, str], scale: int = 4) -> list[Path]:
+    """One test image of each class, enlarged `scale` times, for the explorer app's examples (`protopool-hf app`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written: dict[int, Path] = {}
+    for row in test_raw:
+        label = int(row["label"])
+        if label not in written:
+            image = row["image"].convert("L")
+            path = folder / f"{label}_{id2label[label].replace('/', '-').replace(' ', '_')}.png"
+            image.resize((image.width * scale, image.height * scale), PIL.Image.Resampling.NEAREST).save(path)
+            written[label] = path
+        if len(written) == len(id2label):
+            break
+    return [written[label] for label in sorted(written)]
 
 
 def _collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -4,6 +4,8 @@ A card is rendered from `templates/model_card.md`, the text of each section writ
 The sections it writes sit between `<!-- protopool-hf:begin NAME -->` and `<!-- protopool-hf:end NAME -->`; given an
 existing card, `render_model_card` replaces only those, keeps everything else the user wrote, and merges the metadata
 (`merge_model_cards`). `load_metrics` reads the last evaluation a Trainer left in a folder, for the card's results.
+An interpretability report (`protopool_hf.metrics`, the folder's `interpretability.json`) adds the section
+"Interpretability" after the evaluation and its numbers to the `model-index` (`render_model_card(interpretability=)`).
 """
 
 import logging
@@ -21,6 +23,7 @@ from huggingface_hub.utils import yaml_dump
 from .atomic import read_json
 from .card_sections import section_values
 from .configuration_protopool import ProtoPoolConfig
+from .metrics import InterpretabilityReport, ReportCard, report_card
 from .pictures import parse_prototype_filename
 
 
@@ -52,6 +55,7 @@ SECTIONS = (
     "model",
     "training",
     "evaluation",
+    "interpretability",
     "limitations",
     "citation",
 )
@@ -63,6 +67,8 @@ _GENERATED_CARD_MARKERS = (
 )
 # The files a Trainer writes its evaluation to, read in this order (later ones win).
 METRIC_FILES = ("all_results.json", "eval_results.json", "test_results.json", "metrics.json")
+# The `model-index` metric types of an interpretability report (`protopool_hf.metrics.report_card`) start with this.
+_REPORT_METRIC_PREFIX = "interpretability/"
 _SPLITS = {"eval": "validation", "validation": "validation", "test": "test", "train": "train"}
 # Numbers a Trainer logs next to its metrics that are not quality metrics.
 _NOT_A_METRIC = re.compile(
@@ -138,6 +144,7 @@ def render_model_card(
     gallery_file: str | None = None,
     existing_card: ModelCard | str | os.PathLike | None = None,
     extra_sections: Mapping[str, str] | None = None,
+    interpretability: InterpretabilityReport | Mapping[str, Any] | None = None,
 ) -> ModelCard:
     r"""Render the model card of a ProtoPool model from the template shipped in the package.
 
@@ -157,9 +164,14 @@ def render_model_card(
         gallery_file: the gallery picture relative to the repo root (e.g. `"prototypes/gallery.png"`).
         existing_card: a card (or its path) to update: its own text and metadata are kept, our sections replaced.
         extra_sections: more sections, `{name: markdown}` (e.g. `{"interpretability": "## Interpretability\n..."}`),
-            placed after the evaluation, each as a protopool-hf block NAME (letters, digits, `_`, `-`) that later
-            updates replace. `None` keeps the extra sections of `existing_card`; `{}` drops them. To publish numbers
-            as `model-index` eval results too, add them to `metrics`.
+            placed after the evaluation and interpretability sections, each as a protopool-hf block NAME (letters,
+            digits, `_`, `-`) that later updates replace. `None` keeps the extra sections of `existing_card`; `{}`
+            drops them. To publish numbers as `model-index` eval results too, add them to `metrics`.
+        interpretability: an `InterpretabilityReport` or its `to_dict()` (the content of `interpretability.json`):
+            the section "Interpretability" (each metric with its one-line meaning) and, with a `dataset_name`, its
+            numbers as `model-index` eval results on the split `"test"` (metric types `interpretability/...`). The
+            report describes the weights it was measured on, so `None` leaves the section and those results out,
+            also when `existing_card` had them.
 
     Returns:
         The `huggingface_hub.ModelCard`.
@@ -208,8 +220,18 @@ def render_model_card(
                 "as model-index eval results."
             )
     if not rows and data.eval_results:  # results given as card_data.eval_results
-        rows = [(result.dataset_split, result.metric_type, result.metric_value) for result in data.eval_results]
-    values = section_values(
+        rows = [
+            (result.dataset_split, result.metric_type, result.metric_value)
+            for result in data.eval_results
+            if not _is_report_result(result)
+        ]
+    new_results = metrics is not None or bool(data.eval_results)
+    report = report_card(interpretability) if interpretability is not None else None
+    old_results = (existing.data.eval_results or []) if existing is not None else []
+    replace_results = new_results or report is not None or any(_is_report_result(r) for r in old_results)
+    if replace_results:
+        _set_results(data, old_results if not new_results else None, report, dataset_name, model_name)
+    values = {"interpretability": report.markdown.strip("\n") if report is not None else ""} | section_values(
         model,
         repo_id=repo_id,
         model_name=model_name,
@@ -224,15 +246,14 @@ def render_model_card(
         ours.text += "\n"
     extra = _extra_blocks(extra_sections, existing)
     if extra:
-        end = "<!-- protopool-hf:end evaluation -->"
+        end = f"<!-- protopool-hf:end {'interpretability' if report is not None else 'evaluation'} -->"
         ours.text = ours.text.replace(end, end + "".join(f"\n\n{block}" for block in extra), 1)
-    new_results = metrics is not None or bool(data.eval_results)
     keep = [
         name for name, missing in (("training", training_args is None), ("evaluation", not new_results)) if missing
     ]
     if existing is None:
         return ours
-    return merge_model_cards(ours, existing, keep_sections=keep, replace_results=new_results)
+    return merge_model_cards(ours, existing, keep_sections=keep, replace_results=replace_results)
 
 
 def merge_model_cards(
@@ -348,6 +369,46 @@ def _metric_rows(metrics: Mapping[str, Any]) -> list[tuple[str | None, str, Any]
         if not _NOT_A_METRIC.search(name):
             rows.append((split, name, value))
     return rows
+
+
+def _is_report_result(result: EvalResult) -> bool:
+    return str(result.metric_type).startswith(_REPORT_METRIC_PREFIX)
+
+
+def _set_results(
+    data: ProtoPoolModelCardData,
+    kept: list[EvalResult] | None,
+    report: ReportCard | None,
+    dataset_name: str | None,
+    model_name: str,
+) -> None:
+    """Set `data.eval_results` to the quality results (`kept` when given, else its own) and the report's numbers."""
+    if kept is not None:  # no new evaluation: the existing card's stays
+        data.eval_results = [result for result in kept if not _is_report_result(result)] or None
+        data.metrics = _unique(result.metric_type for result in data.eval_results or []) or None
+    results = [result for result in data.eval_results or [] if not _is_report_result(result)]
+    if report is not None and report.model_index:
+        if dataset_name:
+            results += [
+                EvalResult(
+                    task_type=PIPELINE_TAG,
+                    dataset_type=dataset_name,
+                    dataset_name=dataset_name,
+                    dataset_split="test",
+                    metric_type=entry["type"],
+                    metric_name=entry["name"],
+                    metric_value=entry["value"],
+                )
+                for entry in report.model_index
+            ]
+        else:
+            logger.warning(
+                "The card shows the interpretability report in its body only: pass dataset_name= (a Hub dataset id) "
+                "to publish its numbers as model-index eval results."
+            )
+    data.eval_results = results or None
+    if results:
+        data.model_name = data.model_name or model_name
 
 
 def _prototype_file_map(prototype_files: Mapping[int, str] | Sequence[str] | None) -> dict[int, str]:

@@ -15,6 +15,7 @@ from .configuration_protopool import ProtoPoolConfig
 from .pictures import PROTOTYPES_DIR, prototype_filenames
 from .provenance import read_provenance
 from .torch_utils import evaluating
+from .usage import slot_counts, used_prototypes
 
 
 __all__ = ["section_values"]
@@ -126,10 +127,8 @@ def _prototypes_text(model: torch.nn.Module, files: dict[int, str], gallery_file
 
 def _class_intro(model: torch.nn.Module) -> str:
     config = model.config
-    slots = model.class_to_prototypes()  # (C, S)
-    used = sorted({int(p) for p in slots.flatten().tolist()})
-    counts = torch.bincount(slots.flatten(), minlength=config.num_prototypes)
-    shared = int((counts > 1).sum())
+    used = used_prototypes(model)
+    shared = int((slot_counts(model) > 1).sum())
     form = "hardened (one-hot)" if model.is_assignment_hard else "soft; the table shows each slot's argmax"
     text = (
         f"Each class has {_count(config.num_slots_per_class, 'slot')}, and each slot picks one prototype of the pool "

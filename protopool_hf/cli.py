@@ -1,4 +1,4 @@
-"""The `protopool-hf` command line: train | project | explain | evaluate | push | convert | export.
+"""The `protopool-hf` command line: train | project | explain | evaluate | push | convert | export | app | space.
 
 Heavy libraries (torch, timm, transformers) are imported inside the subcommands, so `protopool-hf --help` answers at
 once (`import protopool_hf` is light too; it registers the Auto classes when transformers' are first imported). Every
@@ -226,6 +226,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--static-batch", action="store_true", help="fix the batch size at 1 (default: dynamic)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     export.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch comparison")
+
+    app = commands.add_parser("app", parents=[debug], help="serve the explorer (a gradio app) on a model")
+    app.add_argument("model", help="model folder or Hub repo id")
+    app.add_argument("--port", type=positive_int, default=7860, help="port to serve on")
+    app.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+
+    space = commands.add_parser(
+        "space", parents=[debug], help="write a Hugging Face Space folder running the explorer"
+    )
+    space.add_argument("model", help="Hub repo id of the model (or its local folder, with --repo-id)")
+    space.add_argument("out_dir", type=Path, help="the Space folder to write")
+    space.add_argument("--repo-id", help="the Hub repo the Space loads (default: MODEL when it is a repo id)")
+    space.add_argument("--overwrite", action="store_true", help="replace the Space files already in OUT_DIR")
     return parser
 
 
@@ -549,6 +562,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    """`protopool-hf app`."""
+    check_model_source(args.model)
+    try:
+        from .app import launch
+    except ModuleNotFoundError as error:
+        if error.name != "gradio":
+            raise
+        raise ModuleNotFoundError("The explorer needs gradio: pip install 'protopool-hf[app]'.") from None
+    print(f"Serving the explorer of {args.model} on http://{args.host}:{args.port}/ (Ctrl+C stops it)")
+    launch(args.model, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_space(args: argparse.Namespace) -> int:
+    """`protopool-hf space`."""
+    from .space import write_space
+
+    check_output_path("OUT_DIR", args.out_dir, folder=True)
+    folder = write_space(args.model, args.out_dir, repo_id=args.repo_id, overwrite=args.overwrite)
+    print(f"Space folder written to {folder}: app.py, requirements.txt, README.md")
+    return 0
+
+
 def _is_main_process() -> bool:
     import torch.distributed as dist
 
@@ -563,6 +600,8 @@ COMMANDS = {
     "push": cmd_push,
     "convert": cmd_convert,
     "export": cmd_export,
+    "app": cmd_app,
+    "space": cmd_space,
 }
 
 

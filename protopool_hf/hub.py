@@ -5,8 +5,12 @@ ECCV 2022 (https://arxiv.org/abs/2112.02902).
 
 A ProtoPool repository holds what `save_pretrained` writes (config.json, model.safetensors, preprocessor_config.json
 and the modeling code, so `trust_remote_code=True` works without this package), the prototype pictures under
-`prototypes/` (drawn by `protopool_hf.gallery` from the projection provenance) and a README.md, the model card
-(`protopool_hf.card`).
+`prototypes/` (drawn by `protopool_hf.gallery` from the projection provenance), the interpretability report
+`interpretability.json` when `protopool-hf evaluate` wrote one (`protopool_hf.metrics`), and a README.md, the model
+card (`protopool_hf.card`), which shows that report.
+
+A report describes the weights it was measured on: a save that changes the weights (or config.json,
+preprocessor_config.json) leaves the folder's report out; a save of the same model keeps it.
 
 * `save_model_folder` writes the whole folder next to the target and swaps it in (`protopool_hf.atomic`).
 * `push_to_hub` makes exactly one `HfApi.create_commit`: the repository moves from its old revision to the new one in
@@ -15,6 +19,7 @@ and the modeling code, so `trust_remote_code=True` works without this package), 
 The stock `model.push_to_hub` and `Trainer(push_to_hub=True)` do not write this card nor the pictures (docs/hub.md).
 """
 
+import filecmp
 import logging
 import os
 import re
@@ -29,6 +34,7 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelet
 
 from .atomic import link_or_copy, read_json, replace_folder
 from .card import METRIC_FILES, ProtoPoolModelCardData, load_metrics, merge_model_cards, render_model_card
+from .metrics import REPORT_FILENAME
 from .pictures import GALLERY_FILE, PROTOTYPES_DIR
 from .provenance import Provenance, read_provenance
 
@@ -45,7 +51,8 @@ logger = logging.getLogger(__name__)
 
 # Files of a model folder that `push_to_hub` uploads (besides the modeling code and prototypes/*.png).
 _MODEL_FILES = re.compile(
-    r"config\.json|preprocessor_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+    r"config\.json|preprocessor_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
+    + re.escape(REPORT_FILENAME)
 )
 # Weight files a new save replaces as a set: stale ones are dropped from folders and repositories.
 _WEIGHT_FILES = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
@@ -70,7 +77,9 @@ def save_model_folder(
     The folder gets `save_pretrained`'s files, the prototype pictures in `prototypes/` (drawn from `dataset`; without
     one, the folder's old pictures are kept while the projection they show is unchanged) and README.md (an existing one
     is updated, see `render_model_card`; `metrics=None` reads the folder's Trainer results, `load_metrics`). Other
-    files already in the folder (trainer state, checkpoints, logs) are carried over as hard links.
+    files already in the folder (trainer state, checkpoints, logs) are carried over as hard links. The folder's
+    interpretability report (`interpretability.json`) is kept, and shown on the card, only while the model files
+    (weights, config.json, preprocessor_config.json) are byte for byte the ones it was measured on.
 
     Everything is written to a hidden sibling folder, which then takes the target's place
     (`protopool_hf.atomic.replace_folder`): the target holds the complete old or the complete new folder, except for the
@@ -120,7 +129,7 @@ def save_model_folder(
                     folder / PROTOTYPES_DIR,
                 )
         if old_exists:
-            _carry_over(folder, staging)
+            _carry_over(folder, staging, drop=_stale_report(folder, staging))
         existing = folder / "README.md" if (folder / "README.md").is_file() else None
         card = render_model_card(
             model,
@@ -132,6 +141,7 @@ def save_model_folder(
             prototype_files=_pictures_in(staging),
             gallery_file=GALLERY_FILE if (staging / GALLERY_FILE).is_file() else None,
             existing_card=existing,
+            interpretability=_report_in(staging),
         )
         card.save(staging / "README.md")
 
@@ -170,9 +180,10 @@ def check_model_folder(folder: str | os.PathLike, overwrite: bool = False, argum
 def save_pretrained_replacing(model: torch.nn.Module, folder: str | os.PathLike) -> Path:
     """`save_pretrained` into `folder`, replacing the model saved there, if any, in one atomic swap.
 
-    The old model's files go as a whole: weights, config, card (README.md), prototype pictures and metric files; a
-    reader sees the complete old folder or the complete new one, never a mix. Other files (a run's phase folders and
-    checkpoints, logs) are carried over as hard links. Refusing an existing model unless asked is the caller's job
+    The old model's files go as a whole: weights, config, card (README.md), prototype pictures and metric files, and
+    the interpretability report unless the new model files equal the old ones byte for byte; a reader sees the
+    complete old folder or the complete new one, never a mix. Other files (a run's phase folders and checkpoints,
+    logs) are carried over as hard links. Refusing an existing model unless asked is the caller's job
     ([`check_model_folder`]).
 
     Args:
@@ -187,7 +198,7 @@ def save_pretrained_replacing(model: torch.nn.Module, folder: str | os.PathLike)
     def fill(staging: Path) -> None:
         model.save_pretrained(staging)
         if folder.is_dir():
-            _carry_over(folder, staging, drop=(*METRIC_FILES, "trainer_state.json"))
+            _carry_over(folder, staging, drop=(*METRIC_FILES, "trainer_state.json", *_stale_report(folder, staging)))
 
     return replace_folder(folder, fill)
 
@@ -216,8 +227,10 @@ def push_to_hub(
     Creates the repo if needed, then makes one `HfApi.create_commit` holding config.json, model.safetensors, the
     modeling code (configuration_protopool.py, modeling_protopool.py and the files they import, so
     `AutoModelForImageClassification.from_pretrained(repo_id, trust_remote_code=True)` works without protopool-hf),
-    preprocessor_config.json, README.md and `prototypes/*.png` with the gallery. Pictures and weight files of an
-    earlier push that the new one lacks are deleted in the same commit. If any upload or the commit fails, the
+    preprocessor_config.json, README.md and `prototypes/*.png` with the gallery, and a folder's interpretability report
+    (`interpretability.json`, shown in the card's section "Interpretability" and its `model-index`). Pictures, weight
+    files and a report of an earlier push that the new one lacks are deleted in the same commit (a report describes
+    the weights pushed with it). If any upload or the commit fails, the
     repository stays at its previous revision. The commit is based on the revision whose README was read
     (`parent_commit`), so a concurrent change of the repo makes it fail instead of being overwritten.
 
@@ -271,6 +284,7 @@ def push_to_hub(
             prototype_files=_pictures_in(staging),
             gallery_file=GALLERY_FILE if (staging / GALLERY_FILE).is_file() else None,
             existing_card=local_card if local_card is not None else remote_card,
+            interpretability=_report_in(staging),
         )
         if local_card is not None and remote_card is not None:  # the folder's card is newer; the repo's text wins
             card = merge_model_cards(card, remote_card, replace_results=True)
@@ -282,7 +296,8 @@ def push_to_hub(
         operations += [
             CommitOperationDelete(path_in_repo=path)
             for path in remote_files
-            if path not in files and (path.startswith(f"{PROTOTYPES_DIR}/") or _WEIGHT_FILES.fullmatch(path))
+            if path not in files
+            and (path.startswith(f"{PROTOTYPES_DIR}/") or _WEIGHT_FILES.fullmatch(path) or path == REPORT_FILENAME)
         ]
         return api.create_commit(
             repo_id,
@@ -329,6 +344,37 @@ def _same_projection(model: torch.nn.Module, folder: Path) -> bool:
     recorded = Provenance.from_state_dict(tensors, "head.")
     recorded.dataset_name = read_json(folder / "config.json").get("projection_dataset")
     return recorded.same_sources(read_provenance(model))
+
+
+def _report_in(folder: Path) -> dict[str, Any] | None:
+    """The interpretability report in `folder` (`interpretability.json`), None if there is none."""
+    path = folder / REPORT_FILENAME
+    return read_json(path) if path.is_file() else None
+
+
+def _stale_report(old: Path, new: Path) -> tuple[str, ...]:
+    """`(REPORT_FILENAME,)` when `old` holds a report and its model files differ from those of `new`, else `()`.
+
+    The model files are the weights, config.json and preprocessor_config.json: the same names, byte for byte.
+    """
+    if not (old / REPORT_FILENAME).is_file():
+        return ()
+
+    def model_files(folder: Path) -> set[str]:
+        names = {"config.json", "preprocessor_config.json"}
+        return {
+            p.name for p in folder.iterdir() if p.is_file() and (p.name in names or _WEIGHT_FILES.fullmatch(p.name))
+        }
+
+    names = model_files(old)
+    if names == model_files(new) and all(filecmp.cmp(old / name, new / name, shallow=False) for name in names):
+        return ()
+    logger.warning(
+        "%s describes the previous weights: it is left out of the new folder. Run protopool-hf evaluate again to "
+        "measure the new model.",
+        old / REPORT_FILENAME,
+    )
+    return (REPORT_FILENAME,)
 
 
 def _carry_over(old: Path, new: Path, drop: Sequence[str] = ()) -> None:

@@ -85,12 +85,22 @@ def parse_prototype_filename(path: str | os.PathLike) -> tuple[int, str] | None:
         path: a file name or path; only its last part is read.
 
     Returns:
-        The id and kind, or `None` for any other name.
+        The id and kind, or `None` for any other name (also `prototype_7.png`: not as `prototype_filenames` writes it).
+
+    Example:
+        ```python
+        >>> from protopool_hf.pictures import parse_prototype_filename
+        >>> parse_prototype_filename("prototypes/prototype_007_overlay.png"), parse_prototype_filename("gallery.png")
+        ((7, 'overlay'), None)
+
+        ```
     """
-    match = _FILE_NAME.fullmatch(Path(path).name)
+    name = Path(path).name
+    match = _FILE_NAME.fullmatch(name)
     if match is None:
         return None
-    return int(match[1]), match[2] or "crop"
+    prototype_id, kind = int(match[1]), match[2] or "crop"
+    return (prototype_id, kind) if prototype_filenames(prototype_id)[kind] == name else None
 
 
 def collect_prototype_pictures(

@@ -13,7 +13,6 @@ interrupted run resumes in the stage it was in (`resume_plan`).
 """
 
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 from torch import nn
 from transformers.trainer_utils import get_last_checkpoint
 
+from .atomic import replace_folder, write_json
 from .phases import PHASES
 
 
@@ -56,7 +56,7 @@ def record_recipe(output_dir: Path, recipe: dict[str, Any]) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     recipe_file = output_dir / _RECIPE_FILE
     if not recipe_file.is_file():
-        _write_json_atomic(recipe_file, recipe)
+        write_json(recipe_file, recipe)
         return
     saved = json.loads(recipe_file.read_text())
     changed = sorted(k for k, v in recipe.items() if saved.get(k, v) != v and k != "output_dir")
@@ -71,40 +71,12 @@ def record_recipe(output_dir: Path, recipe: dict[str, Any]) -> None:
 def save_stage_model(model: nn.Module, output_dir: Path, stage: str) -> None:
     """Save the model a stage ends with into `output_dir/<stage>/final` (atomically)."""
     (output_dir / stage).mkdir(parents=True, exist_ok=True)
-    _save_model_atomic(model, output_dir / stage / "final")
+    replace_folder(output_dir / stage / "final", model.save_pretrained)
 
 
 def mark_stage_finished(output_dir: Path, stage: str, info: dict[str, Any]) -> None:
     """Write the stage's marker (after its model): from now on a resumed run skips it."""
-    _write_json_atomic(output_dir / stage / MARKER, {"stage": stage, **info})
-
-
-# ---------------------------------------------------------------- atomic writes
-# The run folder's only writers. They belong with the package's atomic saves (issue 13: one owner) once that module
-# exists; until then they live here, private.
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON to a temporary file, flush it to disk, then rename it over `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _save_model_atomic(model: nn.Module, folder: Path) -> None:
-    """`save_pretrained` into a sibling folder, then swap it in: the folder holds one complete model or none."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    write_json(output_dir / stage / MARKER, {"stage": stage, **info})
 
 
 def load_stage_model(model: nn.Module, folder: Path) -> None:

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
+from protopool_hf.metrics import BoxStats, InterpretabilityReport, LocalisationScores
 from protopool_hf.pictures import GALLERY_FILE
 
 
@@ -35,6 +36,26 @@ PICTURES = {0, 1, 2, 3, 5}
 
 
 GALLERY = GALLERY_FILE  # the gallery, relative to the folder or repo root
+# An interpretability report as `protopool-hf evaluate` writes it (numbers made up; one localisation, no parts).
+REPORT = InterpretabilityReport(
+    num_images=6,
+    num_localised_images=2,
+    accuracy=0.5,
+    num_prototypes=6,
+    prototypes_used=5,
+    prototypes_used_share=5 / 6,
+    duplicate_slots=0,
+    duplicate_slots_per_class=[0, 0, 0],
+    classes_per_prototype_mean=1.2,
+    classes_per_prototype_max=2,
+    explanation_size_mean=1.5,
+    explanation_size_median=1.5,
+    localisations={
+        "upsampled": LocalisationScores(
+            test_top_slots=BoxStats(4, 0.25, 0.625, 0.5), deletion_auc=0.3, random_deletion_auc=0.5, deletion_gain=0.2
+        )
+    },
+).to_dict()
 
 
 def tiny_model(projected: bool = True) -> ProtoPoolForImageClassification:

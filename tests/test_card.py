@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from card_fixtures import DATASET, GALLERY, METRICS, PICTURES, REPO, TRAINING, tiny_model
+from card_fixtures import DATASET, GALLERY, METRICS, PICTURES, REPO, REPORT, TRAINING, tiny_model
 from huggingface_hub import EvalResult, ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
@@ -171,7 +171,7 @@ def test_our_sections_missing_from_an_old_card_are_inserted_in_template_order():
     )
     merged = render_model_card(tiny_model(), existing_card=ModelCard(f"---\nlicense: mit\n---\n{old_text}"))
     names = [line.split()[2] for line in merged.text.splitlines() if line.startswith("<!-- protopool-hf:begin")]
-    assert names == list(card_module.SECTIONS)
+    assert names == [name for name in card_module.SECTIONS if name != "interpretability"]  # only with a report
     order = [merged.text.index(heading) for heading in ("# protopool", "## Classes", "## Model details", "## Mine")]
     assert order == sorted(order) and merged.text.index("## Mine") < merged.text.index("## Training")
 
@@ -192,28 +192,29 @@ def test_load_metrics_reads_the_trainers_results(tmp_path):
 # --------------------------------------------------------------------------- extra sections
 
 
-REPORT = "## Interpretability\n\n| Metric | Value |\n|---|---|\n| consistency | 0.8 |"
+NOTES = "## Fairness\n\n| Metric | Value |\n|---|---|\n| parity gap | 0.8 |"
 
 
 def test_extra_sections_go_after_the_evaluation_and_stay_until_replaced():
-    text = render_model_card(tiny_model(), extra_sections={"interpretability": REPORT}).text
-    block = f"<!-- protopool-hf:begin interpretability -->\n{REPORT}\n<!-- protopool-hf:end interpretability -->"
+    text = render_model_card(tiny_model(), extra_sections={"fairness": NOTES}).text
+    block = f"<!-- protopool-hf:begin fairness -->\n{NOTES}\n<!-- protopool-hf:end fairness -->"
     assert f"<!-- protopool-hf:end evaluation -->\n\n{block}\n\n<!-- protopool-hf:begin limitations -->" in text
-    assert "<!-- protopool-hf:begin interpretability -->" not in render_model_card(tiny_model()).text
+    assert "<!-- protopool-hf:begin fairness -->" not in render_model_card(tiny_model()).text
 
     kept = render_model_card(tiny_model(), existing_card=ModelCard(text))  # None: the card's own extra sections stay
     assert block in kept.text and kept.text == text
-    newer = REPORT.replace("0.8", "0.9")
-    replaced = render_model_card(tiny_model(), existing_card=kept, extra_sections={"interpretability": newer})
-    assert newer in replaced.text and REPORT not in replaced.text
+    newer = NOTES.replace("0.8", "0.9")
+    replaced = render_model_card(tiny_model(), existing_card=kept, extra_sections={"fairness": newer})
+    assert newer in replaced.text and NOTES not in replaced.text
     dropped = render_model_card(tiny_model(), existing_card=kept, extra_sections={})
-    assert "interpretability" not in dropped.text.split("## Limitations")[0]
+    assert "Fairness" not in dropped.text.split("## Limitations")[0]
 
 
 @pytest.mark.parametrize(
     ("sections", "match"),
     [
         ({"training": "x"}, "not one of the card's own sections"),
+        ({"interpretability": "x"}, "not one of the card's own sections"),
         ({"my notes": "x"}, "must be letters, digits"),
         ({"report": "<!-- protopool-hf:end report -->"}, "without protopool-hf block markers"),
         ("## text", "must be a mapping"),
@@ -228,3 +229,70 @@ def test_only_the_crops_named_as_pictures_writes_them_are_linked():
     names = ["prototypes/prototype_003.png", "prototypes/prototype_003_overlay.png", "prototypes/prototype_5.png"]
     text = render_model_card(tiny_model(), prototype_files=[*names, "prototypes/gallery.png"]).text
     assert "[3](prototypes/prototype_003.png)" in text and "[5](" not in text and "overlay.png)" not in text
+
+
+# --------------------------------------------------------------------------- interpretability report
+
+
+def report_results(card: ModelCard) -> dict[str, EvalResult]:
+    return {r.metric_type: r for r in card.data.eval_results or [] if r.metric_type.startswith("interpretability/")}
+
+
+def test_a_report_adds_its_section_after_the_evaluation_and_its_numbers_to_the_model_index():
+    card = render_model_card(
+        tiny_model(), repo_id=REPO, metrics=METRICS, dataset_name=DATASET, interpretability=REPORT
+    )
+    text = card.text
+    section = text[text.index("<!-- protopool-hf:begin interpretability -->") :]
+    assert text.index("<!-- protopool-hf:end evaluation -->") < text.index("## Interpretability")
+    assert section.index("<!-- protopool-hf:end interpretability -->") < section.index("## Limitations")
+    assert "| background evidence | 0.25 | share of the top slots' boxes on test images" in section
+    assert "| prototypes used | 0.833 |" in section and "| consistency" not in section  # not measured
+    # The Hub reads the model-index from the YAML block: parse it back from the card's text.
+    parsed = ModelCard(card.content)
+    results = report_results(parsed)
+    background = results["interpretability/upsampled/test_top_slots.background_share"]
+    assert (background.metric_value, background.metric_name) == (0.25, "background evidence (upsampled)")
+    assert {(r.dataset_name, r.dataset_type, r.dataset_split, r.task_type) for r in results.values()} == {
+        (DATASET, DATASET, "test", "image-classification")
+    }
+    assert results["interpretability/accuracy"].metric_value == 0.5
+    quality = [
+        (r.dataset_split, r.metric_type, r.metric_value) for r in parsed.data.eval_results if r not in results.values()
+    ]
+    assert quality == [("validation", "accuracy", 0.75), ("test", "accuracy", 0.5)]
+    assert parsed.data.metrics == ["accuracy"]  # the report's numbers are eval results, not metric ids
+    # The evaluation table lists the quality metrics only.
+    assert "interpretability/" not in text.split("## Evaluation")[1].split("## Interpretability")[0]
+
+
+def test_the_card_without_a_report_is_unchanged_by_the_template_block():
+    with_report = render_model_card(tiny_model(), repo_id=REPO, interpretability=REPORT).text
+    without = render_model_card(tiny_model(), repo_id=REPO).text
+    start = with_report.index("<!-- protopool-hf:begin interpretability -->")
+    end = with_report.index("<!-- protopool-hf:end interpretability -->") + len(
+        "<!-- protopool-hf:end interpretability -->"
+    )
+    assert with_report[:start] + with_report[end + 2 :] == without
+
+
+def test_an_update_replaces_the_report_keeps_the_evaluation_and_drops_a_report_not_given():
+    first = render_model_card(tiny_model(), metrics=METRICS, dataset_name=DATASET, interpretability=REPORT)
+    newer = {**REPORT, "prototypes_used_share": 0.5}
+    updated = render_model_card(tiny_model(), existing_card=ModelCard(first.content), interpretability=newer)
+    assert "| prototypes used | 0.5 |" in updated.text and "| prototypes used | 0.833 |" not in updated.text
+    parsed = ModelCard(updated.content)
+    assert report_results(parsed)["interpretability/prototypes_used_share"].metric_value == 0.5
+    assert [r.metric_value for r in parsed.data.eval_results if r.metric_type == "accuracy"] == [0.75, 0.5]
+    assert parsed.data.metrics == ["accuracy"] and "| validation | accuracy | 0.75 |" in parsed.text
+
+    dropped = ModelCard(render_model_card(tiny_model(), existing_card=parsed).content)
+    assert "## Interpretability" not in dropped.text and report_results(dropped) == {}
+    assert [r.metric_value for r in dropped.data.eval_results if r.metric_type == "accuracy"] == [0.75, 0.5]
+
+
+def test_a_report_without_a_dataset_name_stays_in_the_body(caplog):
+    with caplog.at_level(logging.WARNING, logger="protopool_hf.card"):
+        card = render_model_card(tiny_model(), interpretability=REPORT)
+    assert "## Interpretability" in card.text and not card.data.eval_results
+    assert "pass dataset_name= (a Hub dataset id) to publish its numbers" in caplog.text

@@ -97,7 +97,9 @@ def test_the_lazy_export_table_matches_the_type_checking_imports_and_resolves():
         assert getattr(protopool_hf, name) is not None
 
 
-@pytest.mark.parametrize("command", [None, "train", "project", "explain", "evaluate", "push", "convert"])
+@pytest.mark.parametrize(
+    "command", [None, "train", "project", "explain", "evaluate", "push", "convert", "export", "app", "space"]
+)
 def test_help_imports_no_torch(command):
     argv = ["--help"] if command is None else [command, "--help"]
     code = f"""
@@ -172,7 +174,9 @@ def test_train_then_explain_on_fashion_mnist(tmp_path, capsys):
     assert '"sum_of_contributions"' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["train", "project", "explain", "evaluate", "push", "convert"])
+@pytest.mark.parametrize(
+    "command", ["train", "project", "explain", "evaluate", "push", "convert", "export", "app", "space"]
+)
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

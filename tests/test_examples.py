@@ -6,6 +6,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -124,3 +126,17 @@ def test_commands_in_the_docs_run_as_written():
                             assert settings == run_settings, f"{where}: {command!r} reuses a run with other settings"
                     checked += 1
     assert checked >= 20
+
+
+def test_demo_writes_one_enlarged_example_image_per_class_for_the_explorer(tmp_path: Path):
+    from protopool_hf.data import FASHION_MNIST_LABELS, load_fashion_mnist
+
+    test_raw = load_fashion_mnist(Path(__file__).parent / "data" / "fashion-mnist", split="test", limit=200)
+    labels = dict(enumerate(FASHION_MNIST_LABELS))
+    written = demo.write_example_images(tmp_path / "examples", test_raw, labels)
+    present = sorted(set(test_raw["label"]))
+    assert [int(path.name.split("_")[0]) for path in written] == present
+    first = next(row for row in test_raw if row["label"] == present[0])
+    with PIL.Image.open(written[0]) as image:
+        assert image.size == (112, 112)
+        assert np.array_equal(np.asarray(image)[::4, ::4], np.asarray(first["image"].convert("L")))

@@ -18,6 +18,7 @@ from card_fixtures import (
     METRICS,
     MODEL_FILES,
     REPO,
+    REPORT,
     TRAINING,
     siblings,
     snapshot,
@@ -33,6 +34,7 @@ from transformers import AutoModelForImageClassification, pipeline
 from protopool_hf import hub
 from protopool_hf.card import DEFAULT_TAGS, render_model_card
 from protopool_hf.hub import push_to_hub, save_model_folder
+from protopool_hf.metrics import REPORT_FILENAME
 
 
 # --------------------------------------------------------------------------- model folders
@@ -274,3 +276,65 @@ def test_a_resave_keeps_the_extra_sections_of_the_folders_card(tmp_path):
     card.save(folder / "README.md")
     save_model_folder(tiny_model(), folder, metrics={"eval_accuracy": 0.5})
     assert report in (folder / "README.md").read_text()
+
+
+# --------------------------------------------------------------------------- the interpretability report
+
+
+def test_a_resave_of_the_same_model_keeps_the_report_and_new_weights_drop_it(tmp_path, caplog):
+    model = tiny_model()
+    folder = save_model_folder(model, tmp_path / "out", metrics=METRICS, dataset_name=DATASET)
+    (folder / REPORT_FILENAME).write_text(json.dumps(REPORT))  # as protopool-hf evaluate writes it
+    save_model_folder(model, folder)
+    assert json.loads((folder / REPORT_FILENAME).read_text()) == REPORT
+    card = ModelCard.load(folder / "README.md")
+    assert "| background evidence | 0.25 |" in card.text
+    types = [r.metric_type for r in card.data.eval_results]
+    assert "interpretability/upsampled/test_top_slots.background_share" in types and types.count("accuracy") == 2
+
+    with torch.no_grad():
+        model.head.last_layer.weight.mul_(2)  # new weights: the report no longer describes them
+    with caplog.at_level(logging.WARNING, logger="protopool_hf.hub"):
+        save_model_folder(model, folder)
+    assert "describes the previous weights" in caplog.text and siblings(folder) == []
+    assert not (folder / REPORT_FILENAME).exists()
+    card = ModelCard.load(folder / "README.md")
+    assert "## Interpretability" not in card.text
+    assert [r.metric_type for r in card.data.eval_results] == ["accuracy", "accuracy"]
+
+
+def test_save_pretrained_replacing_keeps_the_report_of_unchanged_weights_only(tmp_path):
+    model = tiny_model()
+    folder = hub.save_pretrained_replacing(model, tmp_path / "out")
+    (folder / REPORT_FILENAME).write_text(json.dumps(REPORT))
+    hub.save_pretrained_replacing(model, folder)
+    assert (folder / REPORT_FILENAME).is_file()
+    model.config.id2label = {**CLASSES, 0: "northern cardinal"}  # another config.json: a report may depend on it
+    hub.save_pretrained_replacing(model, folder)
+    assert not (folder / REPORT_FILENAME).exists() and siblings(folder) == []
+
+
+def test_push_carries_the_folders_report_and_a_model_push_removes_it(hub_server, tmp_path):
+    folder = save_model_folder(tiny_model(), tmp_path / "out", metrics=METRICS, dataset_name=DATASET)
+    (folder / REPORT_FILENAME).write_text(json.dumps(REPORT))  # evaluated after the save: its card lacks the section
+    assert "## Interpretability" not in (folder / "README.md").read_text()
+
+    push_to_hub(folder, REPO)
+    repo = hub_server.repos[REPO]
+    assert set(repo.commits[-1].added) == expected_commit() | {REPORT_FILENAME}
+    assert json.loads(repo.read(REPORT_FILENAME)) == REPORT
+    card = ModelCard.load(REPO)
+    assert "## Interpretability" in card.text and "| deletion AUC | 0.3 |" in card.text
+    _, results = model_index_to_eval_results(card.data.to_dict()["model-index"])
+    shares = [r for r in results if r.metric_type == "interpretability/prototypes_used_share"]
+    assert [(r.dataset_name, r.dataset_split, r.metric_value) for r in shares] == [(DATASET, "test", 5 / 6)]
+    assert (folder / "README.md").read_text().count("## Interpretability") == 0  # the folder is not modified
+
+    model = tiny_model()
+    with torch.no_grad():
+        model.head.last_layer.weight.mul_(2)
+    push_to_hub(model, REPO)  # new weights without a report: the old report leaves the repo and the card
+    assert REPORT_FILENAME in repo.commits[-1].deleted
+    card = ModelCard.load(REPO)
+    assert "## Interpretability" not in card.text
+    assert not any(r.metric_type.startswith("interpretability/") for r in card.data.eval_results or [])

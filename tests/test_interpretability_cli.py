@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 from protopool_hf import InterpretabilityReport, ProtoPoolConfig, ProtoPoolForImageClassification, push_to_hub
 from protopool_hf.cli import main
@@ -124,10 +125,16 @@ def test_report_card_table_and_model_index(model_folder):
     assert isinstance(InterpretabilityReport, type)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="hub wiring pending: push_to_hub must upload interpretability.json"
-)
 def test_push_carries_the_report(model_folder, hub_server):
+    # After `protopool-hf evaluate` (the first test wrote the report), `protopool-hf push` uploads it and the card
+    # shows it; with a dataset id, its numbers go to the model-index too.
     repo_id = "me/evaluated"
-    push_to_hub(model_folder, repo_id)
-    assert REPORT_FILENAME in hub_server.repos[repo_id].commits[-1].added
+    report = json.loads((model_folder / REPORT_FILENAME).read_text())
+    assert main(["push", str(model_folder), repo_id]) == 0
+    commit = hub_server.repos[repo_id].commits[-1]
+    assert REPORT_FILENAME in commit.added and json.loads(hub_server.repos[repo_id].read(REPORT_FILENAME)) == report
+    assert report_card(report).markdown.strip() in ModelCard.load(repo_id).text
+
+    push_to_hub(model_folder, repo_id, dataset_name="zalando-datasets/fashion_mnist")
+    results = {r.metric_type: r.metric_value for r in ModelCard.load(repo_id).data.eval_results}
+    assert results["interpretability/prototypes_used_share"] == report["prototypes_used_share"]

@@ -49,3 +49,41 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path):
         torch.testing.assert_close(actual[name], value, rtol=0, atol=1e-6, equal_nan=True, msg=name)
     for phase in ("warmup", "joint", "projection", "finetune"):
         assert (killed_dir / phase / "phase_complete.json").is_file()
+
+
+def tiny_stage_model() -> torch.nn.Module:
+    from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
+
+    torch.manual_seed(0)
+    config = ProtoPoolConfig(backbone="test_resnet", num_labels=2, num_prototypes=4, num_slots_per_class=1)
+    return ProtoPoolForImageClassification(config)
+
+
+def test_a_stage_save_cut_short_is_repaired_and_a_failed_one_leaves_the_old_model(tmp_path: Path, monkeypatch):
+    from protopool_hf.resume import MARKER, load_stage_model, mark_stage_finished, save_stage_model
+
+    model = tiny_stage_model()
+    save_stage_model(model, tmp_path, "warmup")
+    final = tmp_path / "warmup" / "final"
+    saved = load_file(final / "model.safetensors")
+    # Killed between the swap's two renames: the complete old copy sits aside, no final folder.
+    os.rename(final, final.with_name(".final.protopool-0000.old"))
+    save_stage_model(model, tmp_path, "warmup")
+    assert sorted(p.name for p in final.parent.iterdir()) == ["final"]
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model, "save_pretrained", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_stage_model(model, tmp_path, "warmup")
+    assert sorted(p.name for p in final.parent.iterdir()) == ["final"]  # nothing half-written left beside it
+    kept = load_file(final / "model.safetensors")
+    torch.testing.assert_close(kept, saved, rtol=0, atol=0, equal_nan=True)  # unprojected provenance is NaN
+    load_stage_model(tiny_stage_model(), final)  # a resumed run can load it
+
+    mark_stage_finished(tmp_path, "warmup", {"eval_accuracy": 0.5, "path": tmp_path})
+    marker = tmp_path / "warmup" / MARKER
+    expected = {"eval_accuracy": 0.5, "path": str(tmp_path), "stage": "warmup"}
+    assert marker.read_text() == json.dumps(expected, indent=2, sort_keys=True)
+    assert sorted(p.name for p in marker.parent.iterdir()) == ["final", MARKER]

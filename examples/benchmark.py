@@ -464,7 +464,7 @@ def bench_projection(args: argparse.Namespace) -> dict[str, Any]:
         "setting": {**CUB, "backbone": args.backbone, "images": images, "image_size": size, "batch": batch},
         "timings": timings,
         "ratio_projection_over_eval": ratio,
-        "prototypes_projected": int(results[-1].projected.sum()) if results else None,
+        "prototypes_projected": int(results[-1].is_projected.sum()) if results else None,
     }
 
 

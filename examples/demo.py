@@ -113,7 +113,8 @@ def quick_settings() -> DemoSettings:
 # --------------------------------------------------------------------------- data and model
 def load_data(settings: DemoSettings, config: Any) -> dict[str, Any]:
     """The training subset (augmented and plain), the test split, and the raw subset for the pictures."""
-    from protopool_hf.data import load_fashion_mnist, make_transforms
+    from protopool_hf.data import load_fashion_mnist
+    from protopool_hf.transforms import make_transforms
 
     root = os.environ.get("FASHION_MNIST_DIR")  # default: Debian's dataset-fashion-mnist
     train_all = load_fashion_mnist(root, split="train")
@@ -163,7 +164,7 @@ def evaluate(model: torch.nn.Module, dataset: Any, batch_size: int, desc: str = 
     """
     from tqdm.auto import tqdm
 
-    from protopool_hf.data import collate_fn
+    from protopool_hf.transforms import collate_fn
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn)
     model.eval()
@@ -343,7 +344,7 @@ def write_example_images(folder: Path, test_raw: Any, id2label: dict[int, str], 
 
 
 def _collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    from protopool_hf.data import collate_fn
+    from protopool_hf.transforms import collate_fn
 
     return collate_fn(examples)
 
@@ -368,7 +369,7 @@ def run_linear_baseline(settings: DemoSettings, at_feature_stage: bool = False) 
     from tqdm.auto import tqdm
 
     from protopool_hf.backbone import leading_stage_parameters
-    from protopool_hf.data import collate_fn
+    from protopool_hf.transforms import collate_fn
 
     if settings.threads:
         torch.set_num_threads(settings.threads)

@@ -67,7 +67,8 @@ def cache(args: argparse.Namespace) -> None:
     import demo
 
     from protopool_hf import ProtoPoolForImageClassification
-    from protopool_hf.data import collate_fn, load_fashion_mnist, make_transforms
+    from protopool_hf.data import load_fashion_mnist
+    from protopool_hf.transforms import collate_fn, make_transforms
 
     torch.set_num_threads(args.threads)
     settings = demo.DemoSettings(image_size=args.image_size, feature_stage=args.feature_stage)

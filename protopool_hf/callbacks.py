@@ -312,7 +312,7 @@ class SetEpochCallback(TrainerCallback):
     """Tell seeded data transforms the current training epoch, so augmentation depends on (seed, epoch, index).
 
     Calls `set_epoch(floor(state.epoch) + epoch_offset)` on each target when training starts or resumes and at each
-    epoch start. A target is anything with a `set_epoch` method (`protopool_hf.data.ImageTransform`) or a
+    epoch start. A target is anything with a `set_epoch` method (`protopool_hf.transforms.ImageTransform`) or a
     `datasets.Dataset` whose `with_transform` transform has one.
 
     Args:
@@ -323,7 +323,7 @@ class SetEpochCallback(TrainerCallback):
         ```python
         >>> from transformers import TrainerControl, TrainerState, TrainingArguments
         >>> from protopool_hf.callbacks import SetEpochCallback
-        >>> from protopool_hf.data import make_transforms
+        >>> from protopool_hf.transforms import make_transforms
         >>> transform = make_transforms({"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3}, train=True)
         >>> callback = SetEpochCallback(transform, epoch_offset=9)
         >>> args, control = TrainingArguments("out", use_cpu=True), TrainerControl()
@@ -341,7 +341,7 @@ class SetEpochCallback(TrainerCallback):
             if setter is None:
                 raise TypeError(
                     f"SetEpochCallback: {type(target).__name__} has no set_epoch method and no transform with one; "
-                    "pass protopool_hf.data.make_transforms(...) or a dataset transformed with it."
+                    "pass protopool_hf.transforms.make_transforms(...) or a dataset transformed with it."
                 )
             setters.append(setter)
         if epoch_offset < 0:
@@ -444,7 +444,7 @@ class ProjectionCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kwargs: Any
     ) -> None:
         """Check the dataset's first example now, so a wrong format fails before the first step, not at the end."""
-        from .projection import check_projection_data
+        from .projection_data import check_projection_data
 
         check_projection_data(_require_protopool(model, type(self).__name__), self.dataset)
 

@@ -13,6 +13,8 @@ import torch
 
 from .configuration_protopool import ProtoPoolConfig
 from .pictures import PROTOTYPES_DIR, prototype_filenames
+from .provenance import read_provenance
+from .torch_utils import evaluating
 from .usage import slot_counts, used_prototypes
 
 
@@ -92,9 +94,9 @@ def _template_values(
 
 
 def _prototypes_text(model: torch.nn.Module, files: dict[int, str], gallery_file: str | None) -> str:
-    config = model.config
-    projected = int((model.head.projection_image_index >= 0).sum())
-    source = f" of `{config.projection_dataset}`" if config.projection_dataset else ""
+    provenance = read_provenance(model)
+    projected = len(provenance.projected_ids)
+    source = f" of `{provenance.dataset_name}`" if provenance.dataset_name else ""
     if projected == 0:
         return (
             "The prototypes have not been projected onto training images yet, so they cannot be shown as pictures. "
@@ -109,14 +111,14 @@ def _prototypes_text(model: torch.nn.Module, files: dict[int, str], gallery_file
     if files:
         names = {kind: name.replace("000", "NNN", 1) for kind, name in prototype_filenames(0).items()}
         lines.append(
-            f"{projected} of the {config.num_prototypes} prototypes were projected onto patches of training images"
+            f"{projected} of the {provenance.num_prototypes} prototypes were projected onto patches of training images"
             f"{source}. `{PROTOTYPES_DIR}/{names['crop']}` is prototype NNN's patch, `{names['overlay']}` its "
             f"source image with the similarity heat map and the high-activation box, `{names['source']}` the "
             "source image with the box."
         )
     else:
         lines.append(
-            f"{projected} of the {config.num_prototypes} prototypes were projected onto patches of training images"
+            f"{projected} of the {provenance.num_prototypes} prototypes were projected onto patches of training images"
             f"{source}, but their pictures were not rendered: pass the dataset to `protopool_hf.save_model_folder` "
             "or `protopool_hf.push_to_hub` to add them."
         )
@@ -210,14 +212,8 @@ def _feature_grid(model: torch.nn.Module) -> str:
     """`"H×W"` of the latent map for one input of the configured size (one forward of the backbone, in eval mode)."""
     _, height, width = model.config.data_config()["input_size"]
     parameter = next(model.parameters())
-    modes = {module: module.training for module in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            feature_map = model.forward_features(torch.zeros(1, 3, height, width, device=parameter.device))
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    with evaluating(model):
+        feature_map = model.forward_features(torch.zeros(1, 3, height, width, device=parameter.device))
     return f"{feature_map.shape[-2]}×{feature_map.shape[-1]}"
 
 

@@ -55,11 +55,11 @@ def _labels(dataset: Any) -> list[str]:
 def cmd_train(args: argparse.Namespace) -> int:
     """`protopool-hf train`."""
     from .configuration_protopool import ProtoPoolConfig
-    from .data import collate_fn, make_transforms
     from .hub import save_model_folder
     from .modeling_protopool import ProtoPoolForImageClassification
     from .recipe import ProtoPoolRecipe
     from .training import finish_distributed, split_train_validation, train_protopool
+    from .transforms import collate_fn, make_transforms
 
     check_output_path("--output-dir", args.output_dir, folder=True)
     raw_train, raw_test = load_splits(args.dataset, args.data_root, args.limit)
@@ -145,10 +145,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_project(args: argparse.Namespace) -> int:
     """`protopool-hf project`."""
-    from .data import make_transforms
     from .hub import check_model_folder, save_model_folder
     from .modeling_protopool import ProtoPoolForImageClassification
     from .projection import project_prototypes
+    from .transforms import make_transforms
 
     check_model_source(args.model)
     check_output_path("--output-dir", args.output_dir, folder=True)
@@ -169,7 +169,7 @@ def cmd_project(args: argparse.Namespace) -> int:
             "trained on."
         )
     data = raw_train.with_transform(make_transforms(model.config, train=False, skip_bad_images=args.skip_bad_images))
-    # The default name is the one the pictures are checked against (projection.default_dataset_name).
+    # The default name (provenance.dataset_name, e.g. "cub200/train") is the one the pictures recognise.
     result = project_prototypes(model, data, batch_size=args.batch_size)
     print(result.summary())
     save_model_folder(model, args.output_dir, dataset=raw_train)

@@ -1,4 +1,4 @@
-"""Datasets and pixel transforms for ProtoPool: CUB-200-2011, Stanford Cars, image folders, Fashion-MNIST.
+"""Datasets for ProtoPool: CUB-200-2011, Stanford Cars, image folders, Fashion-MNIST, any `datasets` dataset.
 
 Every loader returns a `datasets.Dataset` with the same columns:
 
@@ -9,51 +9,42 @@ Every loader returns a `datasets.Dataset` with the same columns:
   `train_test_split`, so it identifies a sample for seeded augmentation and for projection provenance.
 - `bbox` (CUB by default, Cars on request): `[x, y, width, height]` in pixels; images are cropped to it on decode.
 
+The loaders name the dataset and its split (`info.dataset_name`, `split`), which is how the projection records it
+(`protopool_hf.provenance.dataset_name`: `"cub200/train"`) and how the pictures recognise it.
+
 The loaders install a light format transform, so `ds[i]["image"]` is already a decoded RGB `PIL.Image`, cropped to
-its box. Decoding happens here rather than in `datasets`, so an unreadable file raises `UnreadableImageError` naming
-the file. For training, replace that view with `ds.with_transform(make_transforms(config, train=True))`, which
-decodes, crops and converts in the same way and then applies the pixel transform. A transform of your own receives
-the undecoded values: pass them through `decode_image`.
+its box. Decoding happens in `protopool_hf.images` rather than in `datasets`, so an unreadable file raises
+`UnreadableImageError` naming the file. For training, replace that view with
+`ds.with_transform(make_transforms(config, train=True))` (`protopool_hf.transforms`, also importable from here),
+which decodes, crops and converts in the same way and then applies the pixel transform. A transform of your own
+receives the undecoded values: pass them through `protopool_hf.images.decode_image`.
 """
 
-import contextlib
 import gzip
-import hashlib
-import io
 import os
-import random
 import re
 import struct
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
-import PIL.Image
-import PIL.ImageOps
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
-from .preprocessing import EvalTransform
+from .images import decode_row
+from .transforms import make_transforms
 
 
 __all__ = [
     "FASHION_MNIST_LABELS",
-    "ImageTransform",
-    "UnreadableImageError",
-    "collate_fn",
-    "dataset_name",
-    "decode_image",
     "from_hf_dataset",
     "load_cub200",
     "load_fashion_mnist",
     "load_image_folder",
     "load_stanford_cars",
     "make_transforms",
-    "to_rgb",
 ]
 
 FASHION_MNIST_LABELS = [
@@ -61,100 +52,7 @@ FASHION_MNIST_LABELS = [
 ]  # fmt: skip
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
-#: The training augmentations of `make_transforms` (the CLI's `--augment`).
-AUGMENTATIONS = ("timm", "official")
 _SPLITS = ("train", "test")
-
-
-class UnreadableImageError(OSError):
-    """An image file (or stored image) that cannot be decoded; the message names it."""
-
-
-# --------------------------------------------------------------------------- colour
-
-
-def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Convert any PIL image to 8-bit RGB.
-
-    Transparent images (RGBA, LA, PA, palette or greyscale with a transparency key) are composited on white.
-    16-bit greyscale (`I;16*`, and `I`, read as the 16-bit range PNG decoders give it) is scaled by 255/65535,
-    where a plain `convert` would clip everything above 255 to white. CMYK uses PIL's conversion.
-
-    Args:
-        image: a PIL image of any mode.
-
-    Returns:
-        An RGB image of the same size (the input itself when it already is plain RGB).
-    """
-    if not isinstance(image, PIL.Image.Image):
-        raise TypeError(f"to_rgb expects a PIL.Image.Image, got {type(image).__name__}.")
-    if image.mode == "RGB" and "transparency" not in image.info:
-        return image
-    if image.mode.startswith("I;16") or image.mode == "I":
-        wide = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
-        return PIL.Image.fromarray(np.rint(wide / 257.0).astype(np.uint8), mode="L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-# --------------------------------------------------------------------------- decoding
-
-
-def decode_image(value: Any, name: str | None = None) -> PIL.Image.Image:
-    """Decode one stored image to 8-bit RGB, applying its EXIF orientation.
-
-    Args:
-        value: a `datasets.Image` value (`{"path", "bytes"}`), a path, raw bytes, or a PIL image.
-        name: how to name the image in errors when it has no path (e.g. `"index 12"`).
-
-    Returns:
-        The RGB image, fully loaded.
-
-    Raises:
-        UnreadableImageError: the file is missing, empty, truncated, not an image, or too large for PIL's
-            decompression-bomb limit; the message names it.
-    """
-    if isinstance(value, PIL.Image.Image):
-        return to_rgb(value)
-    path, data = (value.get("path"), value.get("bytes")) if isinstance(value, Mapping) else (None, None)
-    if isinstance(value, str | os.PathLike):
-        path = os.fspath(value)
-    elif isinstance(value, bytes | bytearray):
-        data = bytes(value)
-    label = path or name or "image"
-    if path is None and data is None:
-        raise UnreadableImageError(f"{label}: no path and no bytes to decode (value {value!r}).")
-    try:
-        image = PIL.Image.open(io.BytesIO(data) if data is not None else path)
-        image.load()
-        image = PIL.ImageOps.exif_transpose(image)
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        hint = " (raise PIL.Image.MAX_IMAGE_PIXELS to allow it)" if "decompression bomb" in str(exc) else ""
-        raise UnreadableImageError(
-            f"Cannot read image {label}: {exc}{hint}. Replace or remove the file, or skip unreadable images with "
-            "make_transforms(..., skip_bad_images=True)."
-        ) from exc
-    return to_rgb(image)
-
-
-def _crop(image: PIL.Image.Image, bbox: Sequence[float], label: str) -> PIL.Image.Image:
-    x, y, w, h = (float(v) for v in bbox)
-    box = (max(0, round(x)), max(0, round(y)), min(image.width, round(x + w)), min(image.height, round(y + h)))
-    if box[2] <= box[0] or box[3] <= box[1]:
-        raise ValueError(f"Bounding box {list(bbox)} of {label} lies outside its {image.width}x{image.height} image.")
-    return image.crop(box)
-
-
-def _load_row(value: Any, bbox: Sequence[float] | None, index: int | None) -> PIL.Image.Image:
-    name = f"at index {index}" if index is not None else None
-    image = decode_image(value, name=name)
-    if bbox is None:
-        return image
-    path = value.get("path") if isinstance(value, Mapping) else None
-    return _crop(image, bbox, path or name or "image")
 
 
 class _DecodedView:
@@ -165,7 +63,7 @@ class _DecodedView:
             return batch
         n = len(batch["image"])
         bboxes, indices = batch.get("bbox", [None] * n), batch.get("index", [None] * n)
-        images = [_load_row(v, b, i) for v, b, i in zip(batch["image"], bboxes, indices, strict=True)]
+        images = [decode_row(v, b, i) for v, b, i in zip(batch["image"], bboxes, indices, strict=True)]
         return {**batch, "image": images}
 
 
@@ -535,218 +433,3 @@ def from_hf_dataset(
     ds = ds.add_column("index", np.arange(len(ds), dtype=np.int64))
     ds.info.dataset_name = name or ds.info.dataset_name or "dataset"
     return ds.with_transform(_DecodedView())
-
-
-# --------------------------------------------------------------------------- pixel transforms
-
-
-@contextlib.contextmanager
-def _preserved_rng() -> Iterator[None]:
-    """Restore Python's, numpy's and torch's CPU RNG states on exit: the caller's random streams are untouched."""
-    states = random.getstate(), np.random.get_state(), torch.random.default_generator.get_state()
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.random.default_generator.set_state(states[2])
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.random.default_generator.manual_seed(seed)
-
-
-class ImageTransform:
-    """Batch transform for `Dataset.with_transform`: decode, crop to `bbox`, `to_rgb`, then a pixel pipeline.
-
-    Maps `{"image": [...], "label": [...], "index": [...]}` to `pixel_values` (N, 3, H, W) float32, `labels` (N,)
-    int64 and, when the batch has it, `index` (N,) int64. Training augmentation is seeded per sample by
-    (seed, epoch, index), so a resumed run sees the same augmented images; call `set_epoch` with the 0-based
-    Trainer epoch at each epoch start. The epoch lives in shared memory, so DataLoader workers (persistent ones
-    included) see it.
-
-    Example:
-        ```python
-        >>> import datasets, PIL.Image
-        >>> from protopool_hf.data import collate_fn, from_hf_dataset, make_transforms
-        >>> raw = datasets.Dataset.from_dict(
-        ...     {"image": [PIL.Image.new("L", (40, 30)), PIL.Image.new("RGBA", (20, 20))], "label": [0, 1]},
-        ...     features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}),
-        ... )
-        >>> transform = make_transforms({"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3}, train=True)
-        >>> transform.set_epoch(0)
-        >>> ds = from_hf_dataset(raw).with_transform(transform)
-        >>> batch = collate_fn([ds[0], ds[1]])
-        >>> batch["pixel_values"].shape, batch["labels"].tolist()
-        (torch.Size([2, 3, 32, 32]), [0, 1])
-        ```
-    """
-
-    def __init__(
-        self,
-        pipeline: Callable[[PIL.Image.Image], torch.Tensor],
-        train: bool,
-        seed: int | None = 0,
-        num_labels: int | None = None,
-        skip_bad_images: bool = False,
-    ) -> None:
-        self.pipeline = pipeline
-        self.train = train
-        self.seed = seed
-        self.num_labels = num_labels
-        self.skip_bad_images = skip_bad_images
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        self._warned: set[str] = set()
-
-    @property
-    def epoch(self) -> int:
-        """The epoch that seeds the augmentation."""
-        return int(self._epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the 0-based training epoch that seeds the augmentation (from a callback's `on_epoch_begin`)."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}.")
-        self._epoch.fill_(int(epoch))
-
-    def sample_seed(self, index: int) -> int:
-        """The RNG seed of sample `index` at the current epoch: a hash of (seed, epoch, index)."""
-        key = f"{int(self.seed)},{self.epoch},{int(index)}".encode()
-        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
-
-    def __call__(self, batch: dict[str, list]) -> dict[str, torch.Tensor]:
-        """Transform a batch dict of lists; see the class docstring."""
-        if "image" not in batch or "label" not in batch:
-            raise ValueError(f"Batches need 'image' and 'label' columns, got {list(batch)}: use from_hf_dataset.")
-        indices = batch.get("index")
-        seeded = self.train and self.seed is not None
-        if seeded and indices is None:
-            raise ValueError(
-                "Seeded training augmentation needs an 'index' column: load the data with protopool_hf.data "
-                "(or from_hf_dataset), or pass seed=None for unseeded augmentation."
-            )
-        n = len(batch["image"])
-        bboxes, rows = batch.get("bbox", [None] * n), []
-        with _preserved_rng() if seeded else contextlib.nullcontext():
-            for value, bbox, label, index in zip(
-                batch["image"], bboxes, batch["label"], indices or [None] * n, strict=True
-            ):
-                index = None if index is None else int(index)
-                if int(label) < 0 or (self.num_labels is not None and int(label) >= self.num_labels):
-                    raise ValueError(f"Label {label} of the sample at index {index} is outside 0..{self.num_labels}.")
-                image = self._decode(value, bbox, index)
-                if image is not None:
-                    if seeded:
-                        _seed_all(self.sample_seed(index))
-                    rows.append((self.pipeline(image), int(label), index))
-        if not rows:
-            raise UnreadableImageError("Every image of this batch is unreadable (see the warnings above).")
-        pixels, labels, kept = zip(*rows, strict=True)
-        out = {"pixel_values": torch.stack(pixels), "labels": torch.tensor(labels, dtype=torch.int64)}
-        if indices is not None:
-            out["index"] = torch.tensor(kept, dtype=torch.int64)
-        return out
-
-    def _decode(self, value: Any, bbox: Sequence[float] | None, index: int | None) -> PIL.Image.Image | None:
-        try:
-            return _load_row(value, bbox, index)
-        except UnreadableImageError as exc:
-            if not self.skip_bad_images:
-                raise
-            if str(exc) not in self._warned:
-                self._warned.add(str(exc))
-                warnings.warn(f"Skipping an unreadable image: {exc}", stacklevel=3)
-            return None
-
-
-def _official_augmentation(interpolation: str) -> Callable[[PIL.Image.Image], PIL.Image.Image]:
-    """Online form of the official offline augmentation: one of rotate ±15°, shear ±10°, skew 0.2; then a flip."""
-    from timm.data.transforms import str_to_interp_mode
-    from torchvision import transforms
-
-    mode = str_to_interp_mode(interpolation)
-    one_of = [
-        transforms.RandomRotation(15, interpolation=mode),
-        transforms.RandomAffine(0, shear=(-10, 10, -10, 10), interpolation=mode),
-        transforms.RandomPerspective(distortion_scale=0.2, p=1.0, interpolation=mode),
-    ]
-    return transforms.Compose([transforms.RandomChoice(one_of), transforms.RandomHorizontalFlip()])
-
-
-def make_transforms(
-    config: Any, train: bool, augmentation: str = "timm", *, seed: int | None = 0, skip_bad_images: bool = False
-) -> ImageTransform:
-    """Build the batch transform for training or evaluation from the config's timm data config.
-
-    Args:
-        config: a `ProtoPoolConfig` (its `data_config()` gives input_size, mean, std, interpolation, crop_pct) or
-            such a data-config mapping itself.
-        train: training augmentation (seeded by seed, epoch and index) or the deterministic eval transform.
-        augmentation: `"timm"`: timm's `create_transform` for the backbone (train: random resized crop, flip, colour
-            jitter). `"official"`: for training, one of rotation ±15°, shear ±10° or perspective skew 0.2, then a
-            horizontal flip (online equivalents of the official offline augmentation; corners fill black), then the
-            eval transform. Evaluation always uses the config's eval transform, `preprocessing.EvalTransform`: the
-            stock image processor saved with the model, so pixel values are bit-exact with `AutoImageProcessor`'s
-            (`crop_pct`, `crop_mode`: the presets squash to H × W without crop, as the official code).
-        seed: seeds the training augmentation; `None` uses the global RNGs (not reproducible).
-        skip_bad_images: skip unreadable images with one warning each instead of raising `UnreadableImageError`.
-
-    Returns:
-        An `ImageTransform`; apply it with `ds.with_transform(...)` and batch with `collate_fn`.
-    """
-    if augmentation not in AUGMENTATIONS:
-        raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {augmentation!r}.")
-    eval_transform = EvalTransform(config)
-    data_config = eval_transform.data_config
-    if not train:
-        pipeline: Callable[[PIL.Image.Image], torch.Tensor] = eval_transform
-    elif augmentation == "official":
-        from torchvision import transforms
-
-        # The official code's online equivalent: augment the full image, then its eval resize (the presets squash).
-        pipeline = transforms.Compose([_official_augmentation(data_config["interpolation"]), eval_transform])
-    else:
-        from timm.data import create_transform
-
-        # timm's own training options in a data-config mapping (scale, ratio, hflip, color_jitter, ...) pass through.
-        options = dict(config) if isinstance(config, Mapping) else {}
-        pipeline = create_transform(**{**options, **data_config}, is_training=True)
-    num_labels = getattr(config, "num_labels", None)
-    return ImageTransform(pipeline, train=train, seed=seed, num_labels=num_labels, skip_bad_images=skip_bad_images)
-
-
-def collate_fn(examples: Sequence[Mapping[str, Any]], keep_index: bool = False) -> dict[str, torch.Tensor]:
-    """Stack transformed examples into a batch (a `Trainer` `data_collator`).
-
-    Args:
-        examples: rows of an `ImageTransform`-ed dataset (`pixel_values` (3, H, W), `labels`, maybe `index`).
-        keep_index: keep `index` (N,) in the batch, e.g. for projection; the model's `forward` does not take it.
-
-    Returns:
-        `pixel_values` (N, 3, H, W) and `labels` (N,) int64 (and `index` (N,) int64 when asked).
-    """
-    if not examples:
-        raise ValueError("collate_fn got an empty batch (were all of its images skipped as unreadable?).")
-    batch = {
-        "pixel_values": torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples]),
-        "labels": torch.tensor([int(e["labels"]) for e in examples], dtype=torch.int64),
-    }
-    if keep_index:
-        batch["index"] = torch.tensor([int(e["index"]) for e in examples], dtype=torch.int64)
-    return batch
-
-
-# --------------------------------------------------------------------------- provenance
-
-
-def dataset_name(ds: datasets.Dataset) -> str:
-    """A short, stable name for a dataset: `"<name>/<split>@<fingerprint[:8]>"`, e.g. `"cub200/train@1a2b3c4d"`.
-
-    The fingerprint part changes with the rows (`select`, `shuffle`, ...) and the format, and is the same when the
-    same loader call is repeated in another process. Recorded as the projection's provenance.
-    """
-    name = ds.info.dataset_name or ds.info.builder_name or "dataset"
-    split = f"/{ds.split}" if ds.split is not None else ""
-    return f"{name}{split}@{ds._fingerprint[:8]}"

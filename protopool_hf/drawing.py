@@ -31,7 +31,7 @@ import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 
-from .data import to_rgb
+from .images import to_rgb
 
 
 __all__ = [

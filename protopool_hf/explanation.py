@@ -41,9 +41,10 @@ from .drawing import (
     wrap_text,
 )
 from .layers import log_similarity
-from .maps import _eval_mode, _model_device, high_activation_box, model_view, preprocess, upsample_map
+from .maps import _model_device, high_activation_box, model_view, preprocess, upsample_map
 from .pictures import collect_prototype_pictures, render_prototypes
 from .sources import _prototype_sources
+from .torch_utils import evaluating
 
 
 __all__ = ["Explanation", "SlotContribution", "explain"]
@@ -314,7 +315,7 @@ def explain(
             "view; use an image processor whose resize and crop do not depend on normalisation."
         )
     device, dtype = _model_device(model)
-    with _eval_mode(model):
+    with evaluating(model):
         features = model.forward_features(pixel_values.to(device=device, dtype=dtype))
         head_out = model.head(features)
         distances = model.head.distances(features)[0].float().cpu()  # (P, H, W)

@@ -29,11 +29,13 @@ import torch
 
 from .card import load_metrics
 from .cli_messages import check_model_source, model_load_error, quiet_transformers_loading
-from .data import IMAGE_EXTENSIONS, UnreadableImageError, decode_image
+from .data import IMAGE_EXTENSIONS
 from .drawing import draw_box
 from .explanation import Explanation, explain
+from .images import UnreadableImageError, decode_image
 from .metrics import REPORT_FILENAME
 from .pictures import PROTOTYPES_DIR, nearest_patches, prototype_filenames
+from .provenance import read_provenance
 from .usage import prototype_classes
 
 
@@ -231,7 +233,7 @@ class Explorer:
     @property
     def projected(self) -> bool:
         """Whether the prototypes were projected onto training patches (so they have source pictures)."""
-        return bool((self.model.head.projection_image_index >= 0).any())
+        return bool(read_provenance(self.model).projected_ids)
 
     @property
     def slots(self) -> list[list[int]]:
@@ -327,19 +329,19 @@ class Explorer:
 
     def provenance(self, prototype_id: int) -> str:
         """Where the projection took the prototype from, in words (or why it has no source)."""
-        head = self.model.head
-        index = int(head.projection_image_index[prototype_id])
+        source = read_provenance(self.model)
+        index = int(source.image_index[prototype_id])
         if index < 0:
-            if not self.projected:
+            if not source.projected_ids:
                 return "The model was never projected: this prototype is a learned vector with no source image."
             return "No class slot used this prototype at projection time: it has no source image."
-        label = int(head.projection_label[prototype_id])
-        where = f"row {int(head.projection_row[prototype_id])}, column {int(head.projection_col[prototype_id])}"
-        dataset = self.config.projection_dataset or "the projection dataset"
+        label = int(source.label[prototype_id])
+        where = f"row {int(source.row[prototype_id])}, column {int(source.col[prototype_id])}"
+        dataset = source.dataset_name or "the projection dataset"
         name = self.labels[label] if 0 <= label < len(self.labels) else str(label)
         return (
             f"Projected onto image {index} of {dataset} (class {name}), feature-map {where}, squared distance "
-            f"{float(head.projection_distance[prototype_id]):.4g}."
+            f"{float(source.distance[prototype_id]):.4g}."
         )
 
     # ------------------------------------------------------------------ report

@@ -32,6 +32,8 @@ from torch import nn
 from .atomic import write_file
 from .layers import log_similarity
 from .preprocessing import image_processor_dict
+from .provenance import read_provenance
+from .torch_utils import evaluating
 
 
 __all__ = ["OUTPUT_NAMES", "OnnxCheck", "check_onnx", "export_onnx", "onnx_metadata"]
@@ -78,7 +80,7 @@ def onnx_metadata(model: nn.Module) -> dict[str, str]:
         "last_layer_weight": base64.b64encode(weight.tobytes()).decode("ascii"),
         "last_layer_shape": list(weight.shape),
         "similarity_epsilon": float(head.similarity_epsilon),
-        "prototype_labels": head.projection_label.cpu().tolist(),
+        "prototype_labels": read_provenance(model).label.tolist(),
         "config": config.to_dict(),
     }
     return {
@@ -134,24 +136,18 @@ def export_onnx(
     example = torch.randn(2 if dynamic_batch else 1, 3, height, width, device=next(model.parameters()).device)
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
     graph = _ExplainingGraph(model)
-    modes = [(module, module.training) for module in model.modules()]
-    graph.eval()
-    try:
-        with torch.no_grad():
-            program = torch.onnx.export(
-                graph,
-                (example,),
-                input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
-                opset_version=opset,
-                dynamic_shapes=dynamic_shapes,
-                dynamo=True,
-                external_data=False,
-                verbose=False,
-            )
-    finally:
-        for module, training in modes:
-            module.training = training
+    with evaluating(graph):
+        program = torch.onnx.export(
+            graph,
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            opset_version=opset,
+            dynamic_shapes=dynamic_shapes,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
     program.model.metadata_props.update(onnx_metadata(model))
     program.model.doc_string = (
         f"ProtoPool ({config.backbone}, {config.num_prototypes} prototypes, {config.num_labels} classes, "
@@ -234,14 +230,8 @@ def check_onnx(model: nn.Module, path: str | os.PathLike, pixel_values: torch.Te
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     ours = session.run(list(OUTPUT_NAMES), {INPUT_NAME: pixel_values.numpy()})
     graph = _ExplainingGraph(model)
-    modes = [(module, module.training) for module in model.modules()]
-    graph.eval()
-    try:
-        with torch.no_grad():
-            reference = graph(pixel_values.to(next(model.parameters()).device))
-    finally:
-        for module, training in modes:
-            module.training = training
+    with evaluating(graph):
+        reference = graph(pixel_values.to(next(model.parameters()).device))
     diffs = {
         name: float(np.max(np.abs(got - want.float().cpu().numpy())))
         for name, got, want in zip(OUTPUT_NAMES, ours, reference, strict=True)

@@ -41,7 +41,7 @@ import torch
 
 from .drawing import CELL_GAP, MUTED, TEXT, cell, class_name, draw_box, grid, load_font, wrap_text
 from .pictures import GALLERY_FILE, PROTOTYPES_DIR, PrototypeImages, render_prototypes
-from .sources import _projected_ids
+from .provenance import read_provenance
 from .usage import prototype_classes, used_prototypes
 
 
@@ -153,7 +153,9 @@ def prototype_gallery(
         The gallery image.
     """
     if prototype_ids is None:
-        projected = set(_projected_ids(model))
+        source = read_provenance(model)
+        source.check_projected()
+        projected = set(source.projected_ids)
         prototype_ids = [p for p in used_prototypes(model) if p in projected]
     if pictures is None:
         if dataset is None:

@@ -37,6 +37,7 @@ from .atomic import link_or_copy, read_json, replace_folder, write_file
 from .card import METRIC_FILES, ProtoPoolModelCardData, load_metrics, merge_model_cards, render_model_card
 from .metrics import REPORT_FILENAME
 from .pictures import GALLERY_FILE, PROTOTYPES_DIR
+from .provenance import Provenance, read_provenance
 
 
 __all__ = [
@@ -378,15 +379,17 @@ def _same_projection(model: torch.nn.Module, folder: Path) -> bool:
     weights = folder / "model.safetensors"
     if not weights.is_file():
         return False
-    names = ["prototypes", "projection_image_index", "projection_row", "projection_col"]
     with safe_open(weights, framework="pt") as saved:
         keys = set(saved.keys())
-        for name in names:
-            key = f"head.{name}"
-            current = getattr(model.head, name).detach().cpu()
-            if key not in keys or not torch.equal(saved.get_tensor(key), current):
-                return False
-    return model.config.projection_dataset == read_json(folder / "config.json").get("projection_dataset")
+        wanted = ["head.prototypes", *Provenance.state_dict_keys("head.")]
+        if any(key not in keys for key in wanted):
+            return False
+        tensors = {key: saved.get_tensor(key) for key in wanted}
+    if not torch.equal(tensors["head.prototypes"], model.head.prototypes.detach().cpu()):
+        return False
+    recorded = Provenance.from_state_dict(tensors, "head.")
+    recorded.dataset_name = read_json(folder / "config.json").get("projection_dataset")
+    return recorded.same_sources(read_provenance(model))
 
 
 def _report_in(folder: Path) -> dict[str, Any] | None:

@@ -10,16 +10,15 @@ are scaled to the model's input size.
 """
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
 
-from .data import decode_image, to_rgb
 from .deletion import curve_area, deletion_curves, mean_curve
+from .images import decode_image, to_rgb
 from .localisation import LOCALISATIONS, SmoothGrad, check_localisations, localisation_maps, prototype_distance_maps
 from .maps import high_activation_box
 from .metrics import (
@@ -52,6 +51,8 @@ from .parts import (
     stability_score,
 )
 from .preprocessing import EvalTransform
+from .provenance import read_provenance
+from .torch_utils import evaluating
 
 
 __all__ = ["evaluate_interpretability"]
@@ -102,17 +103,6 @@ def _check_annotations(name: str, value: Any, dataset: Any) -> None:
         raise ValueError(
             f"{name} has {len(value)} entries but its dataset has {len(dataset)} rows: give one per row, in order."
         )
-
-
-@contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
 
 
 class _Image:
@@ -285,7 +275,7 @@ def evaluate_interpretability(
             keypoints = annotations.keypoints[row]
         return _Image(transform, image, mask, keypoints), label
 
-    with _eval_mode(model):
+    with evaluating(model, no_grad=False):
         # ---- pass 1, every image: predictions, explanation size, the top slots of the predicted class
         correct, sizes, labelled = 0, [], 0
         top: list[list[int]] = []
@@ -379,7 +369,7 @@ def evaluate_interpretability(
 
         # ---- the projected prototypes: source boxes, purity
         used = sorted({int(p) for p in slots.flatten()})
-        index = model.head.projection_image_index.cpu().numpy()
+        index = read_provenance(model).image_index.numpy()
         projected = [p for p in used if index[p] >= 0]
         if projection_mask_of is not None and projected:
             source_rows = _rows_of(projection_dataset, [int(index[p]) for p in projected])

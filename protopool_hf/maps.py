@@ -28,8 +28,7 @@ Example:
 """
 
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +37,10 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from .data import decode_image, to_rgb
+from .images import decode_image, to_rgb
 from .layers import log_similarity
 from .preprocessing import EvalTransform, eval_data_config
+from .torch_utils import evaluating
 
 
 __all__ = [
@@ -127,19 +127,6 @@ def preprocess(image: Any, config: Any, processor: Any | None = None) -> torch.T
 # --------------------------------------------------------------------------- activation maps
 
 
-@contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and no grad for the duration; every submodule's own mode is restored afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
-
-
 def _model_device(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     parameter = next(model.backbone.parameters(), None)
     if parameter is None:
@@ -151,7 +138,7 @@ def _model_device(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
 def _distances(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """`(N, 3, H_in, W_in)` -> `(N, P, H, W)` squared distances in float32, on the CPU."""
     device, dtype = _model_device(model)
-    with _eval_mode(model):
+    with evaluating(model):
         return model.prototype_distances(pixel_values.to(device=device, dtype=dtype)).float().cpu()
 
 

@@ -44,6 +44,8 @@ from .gumbel import GumbelScheduleMixin
 from .layers import focal_similarity, slot_assignment, slot_class_identity, squared_l2_distances
 from .loading import StrictLoadingMixin
 from .losses import LossWeights, all_loss_terms, weighted_total
+from .provenance import PROVENANCE_BUFFERS, Provenance, clear_provenance, register_provenance_buffers, write_provenance
+from .torch_utils import check_labels
 
 
 __all__ = [
@@ -145,12 +147,8 @@ class ProtoPoolHead(nn.Module):
         self.last_layer = nn.Linear(num_classes * num_slots_per_class, num_classes, bias=False)
         self.register_buffer("gumbel_scale", torch.ones(()))
         self.register_buffer("hard_assignment", torch.zeros((), dtype=torch.bool))
-        # Provenance of projected prototypes (-1 / nan: never projected).
-        self.register_buffer("projection_image_index", torch.full((num_prototypes,), -1, dtype=torch.long))
-        self.register_buffer("projection_row", torch.full((num_prototypes,), -1, dtype=torch.long))
-        self.register_buffer("projection_col", torch.full((num_prototypes,), -1, dtype=torch.long))
-        self.register_buffer("projection_distance", torch.full((num_prototypes,), float("nan")))
-        self.register_buffer("projection_label", torch.full((num_prototypes,), -1, dtype=torch.long))
+        # Provenance of projected prototypes (-1 / nan: never projected): projection_image_index, _row, _col, ...
+        register_provenance_buffers(self, num_prototypes)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -260,9 +258,8 @@ class ProtoPoolPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
             init.copy_(module.last_layer.weight, module.initial_last_layer())
             init.ones_(module.gumbel_scale)
             init.zeros_(module.hard_assignment)
-            for name in ("projection_image_index", "projection_row", "projection_col", "projection_label"):
-                init.constant_(getattr(module, name), -1)
-            init.constant_(module.projection_distance, float("nan"))
+            for buffer, _, empty in PROVENANCE_BUFFERS.values():
+                init.constant_(getattr(module, buffer), empty)
         elif hasattr(module, "init_non_persistent_buffers"):
             # timm's relative-position indices, rope tables, blur filters are not in the checkpoint.
             module.init_non_persistent_buffers()
@@ -438,17 +435,7 @@ class ProtoPoolForImageClassification(GumbelScheduleMixin, ProtoPoolPreTrainedMo
         labels = torch.as_tensor(labels, device=self.head.prototypes.device).long()
         if labels.ndim != 1:
             raise ValueError(f"`labels` must be a 1-D tensor of class indices, got shape {tuple(labels.shape)}.")
-        if torch.compiler.is_compiling():
-            # No Python branch on a value under torch.compile / torch.export: an assertion op in the graph.
-            in_range = ((labels >= 0) & (labels < self.config.num_labels)).all()
-            torch._assert_async(in_range, f"`labels` outside [0, {self.config.num_labels}) for this model's classes")
-            return labels
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.config.num_labels):
-            bad = labels[(labels < 0) | (labels >= self.config.num_labels)].unique().tolist()
-            raise ValueError(
-                f"`labels` holds {bad}, outside [0, {self.config.num_labels}) for this model's "
-                f"{self.config.num_labels} classes: check the dataset's label column against the config's id2label."
-            )
+        check_labels(labels, self.config.num_labels)  # an assertion op in the graph under torch.compile
         return labels
 
     @torch.no_grad()
@@ -457,7 +444,6 @@ class ProtoPoolForImageClassification(GumbelScheduleMixin, ProtoPoolPreTrainedMo
         return self.head.slot_logits.argmax(dim=1)
 
     # ------------------------------------------------------------------ projection provenance
-    @torch.no_grad()
     def set_projection_provenance(
         self,
         image_index: torch.Tensor,
@@ -469,27 +455,13 @@ class ProtoPoolForImageClassification(GumbelScheduleMixin, ProtoPoolPreTrainedMo
         input_size: list[int] | None = None,
     ) -> None:
         """Record where each prototype was projected: `(P,)` image index, feature-map row/col, distance, class."""
-        head = self.head
-        for buffer, value in (
-            (head.projection_image_index, image_index),
-            (head.projection_row, row),
-            (head.projection_col, col),
-            (head.projection_distance, distance),
-            (head.projection_label, label),
-        ):
-            buffer.copy_(torch.as_tensor(value).to(buffer))
-        self.config.projection_dataset = dataset_name
-        self.config.projection_input_size = list(input_size) if input_size is not None else None
+        values = (image_index, row, col, distance, label)
+        tensors = {name: torch.as_tensor(value) for name, value in zip(PROVENANCE_BUFFERS, values, strict=True)}
+        write_provenance(self, Provenance(**tensors, dataset_name=dataset_name, input_size=input_size))
 
-    @torch.no_grad()
     def clear_projection_provenance(self) -> None:
         """Forget where the prototypes were projected: buffers back to -1 / nan, config fields to None."""
-        head = self.head
-        for buffer in (head.projection_image_index, head.projection_row, head.projection_col, head.projection_label):
-            buffer.fill_(-1)
-        head.projection_distance.fill_(float("nan"))
-        self.config.projection_dataset = None
-        self.config.projection_input_size = None
+        clear_provenance(self)
 
     # ------------------------------------------------------------------ timm interop
     @property

@@ -27,12 +27,8 @@ from .drawing import draw_box, heatmap_overlay
 from .layers import log_similarity
 from .maps import _check_prototype_id, _distances, high_activation_box, similarity_maps, upsample_map
 from .preprocessing import EvalTransform
-from .projection import default_dataset_name
+from .provenance import check_dataset_name, dataset_name, read_provenance
 from .sources import (
-    _check_dataset_name,
-    _projected_ids,
-    _Provenance,
-    _provenance,
     dataset_image,
     dataset_label,
     dataset_rows,
@@ -323,15 +319,17 @@ def render_prototypes(
         ValueError: the model was never projected, a prototype was not projected, or the dataset does not match the
             recorded provenance.
     """
-    ids = _projected_ids(model) if prototype_ids is None else [_check_prototype_id(model, p) for p in prototype_ids]
-    provenance = {p: _provenance(model, p) for p in ids}
-    _check_dataset_name(model, dataset)
-    rows = dataset_rows(dataset, sorted({prov.image_index for prov in provenance.values()}), model)
+    source = read_provenance(model)
+    ids = source.projected_ids if prototype_ids is None else [_check_prototype_id(model, p) for p in prototype_ids]
+    source.check_projected(ids)
+    check_dataset_name(source, dataset)
+    image_of = {p: int(source.image_index[p]) for p in ids}
+    rows = dataset_rows(dataset, sorted(set(image_of.values())), model)
     transform = EvalTransform(model.config, getattr(model.config, "projection_input_size", None))
     classes = prototype_classes(model)
     by_image: dict[int, list[int]] = {}
     for p in ids:
-        by_image.setdefault(provenance[p].image_index, []).append(p)
+        by_image.setdefault(image_of[p], []).append(p)
     out: dict[int, PrototypeImages] = {}
     for chunk in _batches(sorted(by_image), batch_size):
         views = [transform.view(dataset_image(dataset, rows[i], image_column)) for i in chunk]
@@ -339,17 +337,17 @@ def render_prototypes(
         maps = log_similarity(distances, model.config.similarity_epsilon)
         for n, image_index in enumerate(chunk):
             for p in by_image[image_index]:
-                prov = provenance[p]
-                _check_location(distances[n, p], prov, p, dataset, model, verify)
+                row, col = int(source.row[p]), int(source.col[p])
+                _check_location(distances[n, p], (image_index, row, col), p, dataset, model, verify)
                 out[p] = _build_images(
                     p,
                     views[n],
                     maps[n, p],
                     image_index=image_index,
-                    row=prov.row,
-                    col=prov.col,
-                    label=prov.label,
-                    distance=float(distances[n, p, prov.row, prov.col]),
+                    row=row,
+                    col=col,
+                    label=int(source.label[p]),
+                    distance=float(distances[n, p, row, col]),
                     classes=classes[p],
                     percentile=percentile,
                     colormap=colormap,
@@ -359,27 +357,28 @@ def render_prototypes(
 
 def _check_location(
     distance_map: torch.Tensor,
-    prov: _Provenance,
+    patch: tuple[int, int, int],
     prototype_id: int,
     dataset: Any,
     model: torch.nn.Module,
     verify: bool,
 ) -> None:
+    image_index, row, col = patch
     height, width = distance_map.shape
-    if not (0 <= prov.row < height and 0 <= prov.col < width):
+    if not (0 <= row < height and 0 <= col < width):
         raise ValueError(
-            f"Prototype {prototype_id} was projected at feature-map cell ({prov.row}, {prov.col}), outside this "
+            f"Prototype {prototype_id} was projected at feature-map cell ({row}, {col}), outside this "
             f"{height}×{width} map: the projection used another input size or backbone stage than "
             f"model.config.projection_input_size={getattr(model.config, 'projection_input_size', None)}."
         )
     if not verify:
         return
-    at_patch, mean = float(distance_map[prov.row, prov.col]), float(distance_map.mean())
+    at_patch, mean = float(distance_map[row, col]), float(distance_map.mean())
     if at_patch > max(1e-3, 0.05 * mean):
-        name = default_dataset_name(dataset) or type(dataset).__name__
+        name = dataset_name(dataset) or type(dataset).__name__
         raise ValueError(
-            f"Prototype {prototype_id} is at squared distance {at_patch:.4g} from the patch ({prov.row}, {prov.col}) of "
-            f"image {prov.image_index} of {name} (mean over that image {mean:.4g}); right after projection it is ~0. "
+            f"Prototype {prototype_id} is at squared distance {at_patch:.4g} from the patch ({row}, {col}) of "
+            f"image {image_index} of {name} (mean over that image {mean:.4g}); right after projection it is ~0. "
             f"Either this is not the dataset, split, order or preprocessing of the projection "
             f"({getattr(model.config, 'projection_dataset', None)!r}), or the prototypes changed after it: re-run "
             "project_prototypes, or pass verify=False to draw the recorded patch anyway."

@@ -7,7 +7,7 @@ that `save_pretrained` writes (what `AutoImageProcessor` and `pipeline` apply), 
 (training's projection and validation data, `explain`, the pictures) and the pictures' geometry (the model view and
 where it sits in the original image). They are one object, the `BitImageProcessor` that
 `AutoImageProcessor.from_pretrained(folder)` instantiates by default (its torchvision backend), so they agree bit for
-bit for every image size. Training augmentation stays timm's (`protopool_hf.data.make_transforms`).
+bit for every image size. Training augmentation stays timm's (`protopool_hf.transforms.make_transforms`).
 
 The processor resizes, then crops the centre `H_in × W_in` (the crop offset is floored), rescales to [0, 1] and
 normalises with the config's mean and std:

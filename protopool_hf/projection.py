@@ -14,6 +14,10 @@ kept on the device without host synchronisation. Under DDP each process scans it
 dataset, the per-prototype winners are gathered, and every process keeps the same overall winner: the prototypes
 end identical on every process and equal to a single-process run.
 
+Where each prototype came from is saved with the model through `protopool_hf.provenance` (a [`ProjectionResult`] is
+a `Provenance`), under the dataset's name (`provenance.dataset_name`, e.g. `"cub200/train"`), so that its pictures
+can be redrawn later. Reading and checking the input batches is `protopool_hf.projection_data`'s job.
+
 Prototypes that no slot uses have no candidates. They are reported in [`ProjectionResult.unused`] and left as they
 were (the official code zeroes them); once the assignment is hard they take no part in any prediction, and
 [`prune_unused_prototypes`] removes them from the model.
@@ -28,32 +32,28 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Subset
+from torch.utils.data import DataLoader
 
+from . import provenance
 from .layers import squared_l2_distances
 from .modeling_protopool import ProtoPoolForImageClassification
+from .projection_data import projection_loader, unpack_batch
+from .provenance import Provenance, read_provenance, write_provenance
+from .torch_utils import evaluating, unwrap_model
 
 
-__all__ = [
-    "ProjectionResult",
-    "check_projection_data",
-    "default_dataset_name",
-    "project_prototypes",
-    "prune_unused_prototypes",
-]
+__all__ = ["ProjectionResult", "project_prototypes", "prune_unused_prototypes"]
 
 # A patch's tie-break key: image_index << 24 | row << 12 | col (rows and columns below 4096).
 _ROW_BITS = 12
 _COL_BITS = 12
 _MAX_SIDE = 1 << 12
 _NO_KEY = torch.iinfo(torch.long).max
-# Names of accelerate's sharding loaders / samplers, recognised without importing accelerate.
-_SHARDING_CLASSES = ("BatchSamplerShard", "DataLoaderDispatcher", "IterableDatasetShard", "SeedableRandomSampler")
 
 
 @dataclass
-class ProjectionResult:
-    """Where every prototype was projected, as returned by [`project_prototypes`].
+class ProjectionResult(Provenance):
+    """Where every prototype was projected, as returned by [`project_prototypes`]: its [`Provenance`] and a report.
 
     Prototypes that were not moved (unused, or unmatched: used, but no image of their classes was scanned) have
     `image_index`, `row`, `col` and `label` -1 and `distance` nan.
@@ -65,12 +65,12 @@ class ProjectionResult:
         col: `(P,)` long, column of the winning patch.
         distance: `(P,)` float, squared L2 distance between the prototype before projection and the patch.
         label: `(P,)` long, class of the winning image.
+        dataset_name: the name recorded in the model config (`provenance.dataset_name`, or the caller's).
+        input_size: `[3, H_in, W_in]` of the scanned images, or None when it varied.
         unused: ids of the prototypes that no class slot uses (left unchanged).
         unmatched: ids of used prototypes for which no image of their classes was seen (left unchanged).
         duplicates: groups (sorted ids) of prototypes that landed on the same patch.
         num_images: images scanned, summed over processes.
-        dataset_name: the name or fingerprint recorded in the model config.
-        input_size: `[3, H_in, W_in]` of the scanned images, or None when it varied.
 
     Example:
         ```python
@@ -85,30 +85,14 @@ class ProjectionResult:
         >>> result = project_prototypes(model, data, batch_size=4)
         >>> result.image_index.shape, result.num_images, model.is_assignment_hard
         (torch.Size([6]), 6, True)
+
         ```
     """
 
-    image_index: torch.Tensor
-    row: torch.Tensor
-    col: torch.Tensor
-    distance: torch.Tensor
-    label: torch.Tensor
     unused: list[int] = field(default_factory=list)
     unmatched: list[int] = field(default_factory=list)
     duplicates: list[list[int]] = field(default_factory=list)
     num_images: int = 0
-    dataset_name: str | None = None
-    input_size: list[int] | None = None
-
-    @property
-    def num_prototypes(self) -> int:
-        """P."""
-        return int(self.image_index.numel())
-
-    @property
-    def projected(self) -> torch.Tensor:
-        """`(P,)` bool: which prototypes were moved onto a patch."""
-        return self.image_index >= 0
 
     @property
     def used(self) -> list[int]:
@@ -118,7 +102,7 @@ class ProjectionResult:
 
     def summary(self, per_prototype: bool = False) -> str:
         """A readable account of the projection; with `per_prototype`, one line per prototype as well."""
-        moved = self.projected
+        moved = self.is_projected
         source = f" of {self.dataset_name!r}" if self.dataset_name else ""
         size = "×".join(map(str, self.input_size)) if self.input_size else "mixed"
         lines = [
@@ -178,8 +162,8 @@ def project_prototypes(
             `torch.distributed` is scanned as it is on each process: it must carry `index` if it is sharded (e.g.
             by a `DistributedSampler`), else each process must see the whole dataset.
         batch_size: batch size when `data` is a map-style dataset.
-        dataset_name: name or fingerprint of the data, recorded in the config; by default a `datasets.Dataset`'s
-            name, else its fingerprint.
+        dataset_name: the data's name, recorded in the config; by default `provenance.dataset_name(data)`
+            (a `datasets.Dataset`'s name and split, e.g. `"cub200/train"`, else its fingerprint).
         num_workers: DataLoader workers when `data` is a map-style dataset.
         harden: call `model.harden_assignment()` after the projection.
 
@@ -192,14 +176,14 @@ def project_prototypes(
         RuntimeError: under `torch.distributed`, on the processes whose peer failed (the failing process raises
             its own error), so that none waits forever.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     head = model.head
     device = head.prototypes.device
     num_prototypes, dim = head.prototypes.shape
     distributed = dist.is_available() and dist.is_initialized()
     if dataset_name is None:
-        dataset_name = default_dataset_name(data)
-    loader, offset, needs_index = _as_loader(data, batch_size, num_workers, device, distributed)
+        dataset_name = provenance.dataset_name(data)
+    loader, offset, needs_index = projection_loader(data, batch_size, num_workers, device, distributed)
 
     # (C, P) which prototypes each class's slots use; its rows mask each image's candidates.
     class_to_prototypes = model.class_to_prototypes().to(device)
@@ -207,18 +191,14 @@ def project_prototypes(
     allowed.scatter_(1, class_to_prototypes, True)
     used = allowed.any(dim=0)
 
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
     error: BaseException | None = None
-    try:
-        best, num_images, sizes = _scan(model, loader, allowed, offset, needs_index)
-    except Exception as exc:
-        if not distributed:
-            raise
-        error, best, num_images, sizes = exc, None, 0, set()
-    finally:
-        for module, mode in modes:
-            module.training = mode
+    with evaluating(model):
+        try:
+            best, num_images, sizes = _scan(model, loader, allowed, offset, needs_index)
+        except Exception as exc:
+            if not distributed:
+                raise
+            error, best, num_images, sizes = exc, None, 0, set()
 
     if distributed:
         best, num_images, sizes = _gather(best, num_images, sizes, error, num_prototypes, dim, device)
@@ -232,16 +212,25 @@ def project_prototypes(
     distance = torch.where(projected, distance, float("nan"))
 
     head.prototypes[projected] = vectors[projected].to(head.prototypes.dtype)
-    input_size = list(next(iter(sizes))) if len(sizes) == 1 else None
-    model.set_projection_provenance(
-        image_index, row, col, distance, label, dataset_name=dataset_name, input_size=input_size
-    )
-    if harden:
-        model.harden_assignment()
-
-    projected, used = projected.cpu(), used.cpu()
+    projected, used, key = projected.cpu(), used.cpu(), key.cpu()
     unused = torch.nonzero(~used).flatten().tolist()
     unmatched = torch.nonzero(used & ~projected).flatten().tolist()
+    result = ProjectionResult(
+        image_index=image_index.cpu(),
+        row=row.cpu(),
+        col=col.cpu(),
+        distance=distance.cpu(),
+        label=label.cpu(),
+        dataset_name=dataset_name,
+        input_size=list(next(iter(sizes))) if len(sizes) == 1 else None,
+        unused=unused,
+        unmatched=unmatched,
+        duplicates=_duplicate_groups(key, projected),
+        num_images=num_images,
+    )
+    write_provenance(model, result)
+    if harden:
+        model.harden_assignment()
     if unmatched:
         classes = _classes_of(class_to_prototypes.cpu(), unmatched)
         shown = ", ".join(map(str, classes[:20])) + (f", … ({len(classes)} classes)" if len(classes) > 20 else "")
@@ -251,20 +240,7 @@ def project_prototypes(
             "that covers every class.",
             stacklevel=3,  # the caller of project_prototypes, past torch.no_grad's wrapper
         )
-    key = key.cpu()
-    return ProjectionResult(
-        image_index=image_index.cpu(),
-        row=row.cpu(),
-        col=col.cpu(),
-        distance=distance.cpu(),
-        label=label.cpu(),
-        unused=unused,
-        unmatched=unmatched,
-        duplicates=_duplicate_groups(key, projected),
-        num_images=num_images,
-        dataset_name=dataset_name,
-        input_size=input_size,
-    )
+    return result
 
 
 def _scan(
@@ -284,7 +260,7 @@ def _scan(
     best_label = torch.full((num_prototypes,), -1, dtype=torch.long, device=device)
     position, sizes = 0, set()
     for number, batch in enumerate(loader):
-        pixel_values, labels, index = _unpack(batch, number, num_classes)
+        pixel_values, labels, index = unpack_batch(batch, number, num_classes)
         count = labels.shape[0]
         if index is None and needs_index:
             raise ValueError(
@@ -386,183 +362,6 @@ def _gather(
     return gathered_best, sum(count for _, count, _ in states), all_sizes
 
 
-def check_projection_data(model: ProtoPoolForImageClassification, data: Any) -> None:
-    """Check the first example (or batch) of projection data, so a wrong format fails before any training.
-
-    Reads `data[0]` of a map-style dataset or a list of batches, or the first batch of a `DataLoader`; other
-    iterables (which a check could consume) are left to `project_prototypes`.
-
-    Args:
-        model: the model the data will be projected for (its `num_labels` bounds the labels).
-        data: what `project_prototypes` would be given.
-
-    Raises:
-        ValueError: as `project_prototypes` would, naming the missing key, bad shape or label.
-    """
-    num_classes = _unwrap(model).config.num_labels
-    if isinstance(data, IterableDataset) or type(data).__name__ == "IterableDataset":
-        _as_loader(data, 1, 0, torch.device("cpu"), False)  # raises its message
-    if isinstance(data, DataLoader):
-        batch = next(iter(data), None)
-    elif _is_batch_list(data):
-        batch = data[0]
-    elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
-        if len(data) == 0:
-            raise ValueError("The projection dataset is empty: pass the un-augmented training images.")
-        batch = _collate_examples([data[0]])
-    else:
-        return
-    if batch is None:
-        raise ValueError("The projection DataLoader yields no batch: pass the un-augmented training images.")
-    _unpack(batch, 0, num_classes)
-
-
-def _labels_key(batch: Mapping[str, Any]) -> str:
-    """`labels`, or `label` (the `datasets` column that `DefaultDataCollator` renames) when only that is there."""
-    return "label" if "labels" not in batch and "label" in batch else "labels"
-
-
-def _unpack(batch: Any, number: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Check one batch; return `pixel_values` `(N, 3, H, W)`, `labels` `(N,)` and `index` `(N,)` or None."""
-    if not isinstance(batch, Mapping):
-        raise ValueError(
-            f"Projection batch {number} is a {type(batch).__name__}; batches must be dicts with `pixel_values` "
-            "(N, 3, H, W) and `labels` (N,) (and optionally `index`): give the dataset a transform that returns them."
-        )
-    missing = [name for name in ("pixel_values", _labels_key(batch)) if name not in batch]
-    if missing:
-        raise ValueError(
-            f"Projection batch {number} has no {missing} (its keys: {sorted(batch)}); batches must hold "
-            "`pixel_values` (N, 3, H, W) and `labels` (N,) (or `label`): give the dataset a transform that returns them."
-        )
-    pixel_values = torch.as_tensor(batch["pixel_values"])
-    labels = torch.as_tensor(batch[_labels_key(batch)])
-    if pixel_values.ndim != 4:
-        raise ValueError(
-            f"`pixel_values` of projection batch {number} has shape {tuple(pixel_values.shape)}; expected "
-            "(N, 3, H, W)."
-        )
-    if labels.ndim != 1 or labels.shape[0] != pixel_values.shape[0] or labels.is_floating_point():
-        raise ValueError(
-            f"`labels` of projection batch {number} must be (N,) integer class indices for its {pixel_values.shape[0]} "
-            f"images, got {labels.dtype} of shape {tuple(labels.shape)} (projection uses un-mixed labels)."
-        )
-    if labels.numel():
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= num_classes:
-            bad = labels[(labels < 0) | (labels >= num_classes)].unique().tolist()
-            raise ValueError(
-                f"`labels` of projection batch {number} hold {bad}, outside [0, {num_classes}) for this model's "
-                f"{num_classes} classes: check the dataset's label column against the config's id2label."
-            )
-    index = batch.get("index")
-    if index is not None:
-        index = torch.as_tensor(index)
-        if index.shape != labels.shape or index.is_floating_point() or (index.numel() and int(index.min()) < 0):
-            raise ValueError(
-                f"`index` of projection batch {number} must be (N,) non-negative integer image indices, got "
-                f"{index.dtype} of shape {tuple(index.shape)}."
-            )
-        index = index.long()
-    return pixel_values, labels.long(), index
-
-
-def _collate_examples(examples: list[Any]) -> dict[str, torch.Tensor]:
-    """Stack examples' `pixel_values`, `labels` (and `index`); other fields (e.g. a PIL `image`) are dropped."""
-    for example in examples:
-        if not isinstance(example, Mapping) or "pixel_values" not in example or _labels_key(example) not in example:
-            found = sorted(example) if isinstance(example, Mapping) else type(example).__name__
-            raise ValueError(
-                f"Projection examples must be dicts with `pixel_values` (3, H, W) and `labels` (or `label`, an int), "
-                f"got {found}: give the dataset a transform that returns them (e.g. `dataset.with_transform(...)`)."
-            )
-    batch = {
-        "pixel_values": torch.stack([torch.as_tensor(example["pixel_values"]) for example in examples]),
-        "labels": torch.as_tensor([int(example[_labels_key(example)]) for example in examples]),
-    }
-    if all("index" in example for example in examples):
-        batch["index"] = torch.as_tensor([int(example["index"]) for example in examples])
-    return batch
-
-
-def _as_loader(
-    data: Any, batch_size: int, num_workers: int, device: torch.device, distributed: bool
-) -> tuple[Iterable[Any], int, bool]:
-    """The batches to scan, the image index of the first one (a DDP shard's start), whether `index` is required."""
-    if isinstance(data, IterableDataset) or type(data).__name__ == "IterableDataset":
-        raise ValueError(
-            f"`data` is an iterable dataset ({type(data).__name__}) of examples: wrap it in a "
-            "`DataLoader(data, batch_size=...)` that yields batches, or pass a map-style dataset."
-        )
-    if (
-        isinstance(data, DataLoader)
-        or not (hasattr(data, "__getitem__") and hasattr(data, "__len__"))
-        or _is_batch_list(data)
-    ):
-        return data, 0, distributed and _is_sharded(data)
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-    size = len(data)
-    offset = 0
-    if distributed:
-        world, rank = dist.get_world_size(), dist.get_rank()
-        shard = -(-size // world)
-        offset = min(rank * shard, size)
-        data = Subset(data, range(offset, min(offset + shard, size)))
-    loader = DataLoader(
-        data,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=_collate_examples,
-        pin_memory=device.type == "cuda",
-    )
-    return loader, offset, False
-
-
-def _is_batch_list(data: Any) -> bool:
-    """A list or tuple of batches (4-D `pixel_values`) rather than of examples."""
-    if not isinstance(data, (list, tuple)) or not data or not isinstance(data[0], Mapping):
-        return False
-    pixel_values = data[0].get("pixel_values")
-    return getattr(pixel_values, "ndim", 0) == 4
-
-
-def _is_sharded(loader: Any) -> bool:
-    """Whether a DataLoader hands each process a different part of the data (torch's or accelerate's sharding)."""
-    parts = (
-        loader,
-        getattr(loader, "sampler", None),
-        getattr(loader, "batch_sampler", None),
-        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
-        getattr(getattr(loader, "batch_sampler", None), "batch_sampler", None),
-        getattr(loader, "dataset", None),
-    )
-    return any(
-        isinstance(part, DistributedSampler) or type(part).__name__ in _SHARDING_CLASSES
-        for part in parts
-        if part is not None
-    )
-
-
-def default_dataset_name(data: Any) -> str | None:
-    """The name a projection records by default: a `datasets.Dataset`'s name (+ `/config`), else its fingerprint.
-
-    Also used by `protopool_hf.sources` to check that pictures are drawn from the projection's dataset.
-    Returns None for data that is not (a loader of) a `datasets.Dataset`.
-    """
-    dataset = getattr(data, "dataset", data)
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    info = getattr(dataset, "info", None)
-    name = getattr(info, "dataset_name", None)
-    if name:
-        config_name = getattr(info, "config_name", None)
-        return f"{name}/{config_name}" if config_name and config_name != "default" else name
-    fingerprint = getattr(dataset, "_fingerprint", None)
-    return f"fingerprint:{fingerprint}" if fingerprint else None
-
-
 def _duplicate_groups(key: torch.Tensor, projected: torch.Tensor) -> list[list[int]]:
     """Groups of projected prototypes sharing a patch key."""
     ids = torch.nonzero(projected).flatten()
@@ -577,12 +376,6 @@ def _duplicate_groups(key: torch.Tensor, projected: torch.Tensor) -> list[list[i
 def _classes_of(class_to_prototypes: torch.Tensor, prototype_ids: list[int]) -> list[int]:
     """Classes whose slots use any of the given prototypes."""
     return torch.nonzero(torch.isin(class_to_prototypes, torch.tensor(prototype_ids)).any(dim=1)).flatten().tolist()
-
-
-def _unwrap(model: nn.Module) -> ProtoPoolForImageClassification:
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
 
 
 @torch.no_grad()
@@ -614,9 +407,10 @@ def prune_unused_prototypes(model: ProtoPoolForImageClassification) -> torch.Ten
         >>> kept = prune_unused_prototypes(model)
         >>> model.config.num_prototypes == len(kept) == model.class_to_prototypes().unique().numel()
         True
+
         ```
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     head = model.head
     if not model.is_assignment_hard:
         raise ValueError(
@@ -630,18 +424,12 @@ def prune_unused_prototypes(model: ProtoPoolForImageClassification) -> torch.Ten
             f"Only {kept.numel()} prototypes are used, but the model needs more than num_slots_per_class "
             f"({num_slots}) prototypes: keep them unpruned."
         )
+    kept_provenance = read_provenance(model).select(kept.cpu())
     head.prototypes = nn.Parameter(head.prototypes.detach()[kept].clone(), requires_grad=head.prototypes.requires_grad)
     head.slot_logits = nn.Parameter(
         head.slot_logits.detach()[:, kept].clone(), requires_grad=head.slot_logits.requires_grad
     )
-    for name in (
-        "projection_image_index",
-        "projection_row",
-        "projection_col",
-        "projection_distance",
-        "projection_label",
-    ):
-        setattr(head, name, getattr(head, name)[kept].clone())
+    write_provenance(model, kept_provenance)
     head.num_prototypes = int(kept.numel())
     model.config.num_prototypes = int(kept.numel())
     return kept.cpu()

@@ -1,9 +1,8 @@
 """Where each prototype came from: the projection's provenance in the model, and its source images in the dataset.
 
 The projection records, for every prototype, the dataset row, feature-map cell, distance and label of the patch it
-was moved onto (`model.head.projection_image_index / projection_row / projection_col / projection_distance /
-projection_label`) and the dataset's name (`model.config.projection_dataset`). The pictures read those records here,
-and read the source images and labels back from the dataset the caller passes, checking that it is the projection's.
+was moved onto, and the dataset's name (`protopool_hf.provenance`, which reads and writes those records). The pictures
+read the source images and labels back here, from the dataset the caller passes.
 
 Example:
     ```python
@@ -23,7 +22,6 @@ Example:
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,7 +29,7 @@ import PIL.Image
 import torch
 
 from .maps import _as_pil
-from .projection import default_dataset_name
+from .provenance import read_provenance
 
 
 __all__ = ["IMAGE_COLUMNS", "dataset_image", "dataset_label", "dataset_rows"]
@@ -41,74 +39,14 @@ IMAGE_COLUMNS = ("image", "img", "pixel_values")
 
 
 # --------------------------------------------------------------------------- provenance (read from the model)
-# The projection provenance as the pictures read it, and the dataset-name check: to be replaced by the package's one
-# provenance type and dataset naming.
-
-
-@dataclass
-class _Provenance:
-    image_index: int
-    row: int
-    col: int
-    distance: float
-    label: int
-
-
-def _provenance(model: torch.nn.Module, prototype_id: int) -> _Provenance:
-    head = model.head
-    index = head.projection_image_index.cpu()
-    if bool((index < 0).all()):
-        raise ValueError(
-            "This model was never projected: its prototypes have no source image "
-            "(model.head.projection_image_index is -1 everywhere). Run "
-            "`protopool_hf.project_prototypes(model, dataloader)` on the training set first, then draw the prototypes."
-        )
-    if int(index[prototype_id]) < 0:
-        raise ValueError(
-            f"Prototype {prototype_id} has no projection provenance: the projection skipped it because no class slot "
-            "used it then. Draw the projected ones (`used_prototypes(model)`, or leave prototype_ids=None)."
-        )
-    return _Provenance(
-        image_index=int(index[prototype_id]),
-        row=int(head.projection_row[prototype_id]),
-        col=int(head.projection_col[prototype_id]),
-        distance=float(head.projection_distance[prototype_id]),
-        label=int(head.projection_label[prototype_id]),
-    )
-
-
-def _projected_ids(model: torch.nn.Module) -> list[int]:
-    index = model.head.projection_image_index.cpu()
-    if bool((index < 0).all()):
-        _provenance(model, 0)  # raises the "never projected" error
-    return [p for p in range(len(index)) if int(index[p]) >= 0]
-
-
-def _check_dataset_name(model: torch.nn.Module, dataset: Any) -> None:
-    """Warn when the dataset's name differs from the one the projection recorded.
-
-    Only a warning, and only for names: a caller may have given the projection a name of their own. The content check
-    of `render_prototypes(verify=True)` is the one that raises.
-    """
-    recorded = getattr(model.config, "projection_dataset", None)
-    current = default_dataset_name(dataset)
-    if not recorded or current is None or recorded == current:
-        return
-    if recorded.startswith("fingerprint:") or current.startswith("fingerprint:"):
-        return  # fingerprints change with every format or transform: only the content check can tell
-    warnings.warn(
-        f"The prototypes were projected on {recorded!r} (model.config.projection_dataset), but this dataset is "
-        f"{current!r}. Pass the dataset, split and order used by project_prototypes.",
-        stacklevel=3,
-    )
 
 
 def _prototype_sources(model: Any, id2label: Mapping[int, str]) -> dict[int, str]:
     """`{prototype id: "projected on a <class> image"}` for the projected prototypes of `model`."""
-    head = getattr(model, "head", None)
-    if head is None or not hasattr(head, "projection_image_index"):
+    if getattr(model, "head", None) is None:
         return {}
-    index, labels = head.projection_image_index.tolist(), head.projection_label.tolist()
+    provenance = read_provenance(model)
+    index, labels = provenance.image_index.tolist(), provenance.label.tolist()
     return {
         p: f"projected on a {id2label.get(label, str(label))} image"
         for p, (i, label) in enumerate(zip(index, labels, strict=True))

@@ -115,7 +115,7 @@ class ProtoPoolTrainer(Trainer):
 
         ```
 
-        `trainer.train()` then trains it, given `train_dataset=...` and `data_collator=protopool_hf.data.collate_fn`.
+        `trainer.train()` then trains it, given `train_dataset=...` and `data_collator=protopool_hf.transforms.collate_fn`.
     """
 
     def __init__(

@@ -136,7 +136,7 @@ def train_protopool(
     (`output_dir/finetune/checkpoint-*`) hold fine-tuning's.
 
     The Gumbel scale follows the schedule over warm-up and joint epochs together, mixup runs in every phase
-    (`recipe.mixup_alpha`), seeded augmentation (`protopool_hf.data.make_transforms`) gets the global epoch. Model
+    (`recipe.mixup_alpha`), seeded augmentation (`protopool_hf.transforms.make_transforms`) gets the global epoch. Model
     selection uses `eval_dataset` only: pass a validation split carved from the training data
     ([`split_train_validation`]), never the test split.
 
@@ -155,7 +155,7 @@ def train_protopool(
         eval_dataset: the validation split (eval transform), or None for no evaluation and no model selection.
         projection_dataset: the training images with the eval transform, for the projection.
         recipe: the hyperparameters; defaults to `ProtoPoolRecipe()`.
-        data_collator: batches examples; defaults to `protopool_hf.data.collate_fn`.
+        data_collator: batches examples; defaults to `protopool_hf.transforms.collate_fn`.
         compute_metrics: evaluation metrics; must produce `recipe.metric_for_best_model` (default accuracy).
         callbacks: extra callbacks added to every phase's `Trainer`.
         resume_from_checkpoint: True continues the run in `output_dir`; a path `output_dir/<phase>/checkpoint-N`
@@ -191,7 +191,7 @@ def train_protopool(
 
         ```
     """
-    from .data import collate_fn
+    from .transforms import collate_fn
 
     recipe = recipe if recipe is not None else ProtoPoolRecipe()
     if train_dataset is None or projection_dataset is None:

@@ -28,6 +28,8 @@ CODE = {
     "preprocessing.py",
     "gumbel.py",
     "loading.py",
+    "provenance.py",
+    "torch_utils.py",
 }
 MODEL_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", *CODE}
 PICTURES = {0, 1, 2, 3, 5}

@@ -45,10 +45,10 @@ def tiny_model(seed: int = 0) -> ProtoPoolForImageClassification:
 
 def projected_folder(folder: Path) -> Path:
     """A projected tiny model saved with its pictures, nearest patches, two examples, metrics and a report."""
-    from protopool_hf.data import make_transforms
     from protopool_hf.explorer import save_nearest_patches
     from protopool_hf.hub import save_model_folder
     from protopool_hf.projection import project_prototypes
+    from protopool_hf.transforms import make_transforms
 
     model = tiny_model()
     raw = photo_dataset()

@@ -19,10 +19,11 @@ from transformers import AutoModelForImageClassification, pipeline
 from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
 from protopool_hf.cli import main as cli_main
 from protopool_hf.convert import to_original_state_dict
-from protopool_hf.data import collate_fn, load_cub200, load_fashion_mnist, load_image_folder
+from protopool_hf.data import load_cub200, load_fashion_mnist, load_image_folder
 from protopool_hf.projection import project_prototypes
 from protopool_hf.recipe import ProtoPoolRecipe
 from protopool_hf.training import train_protopool
+from protopool_hf.transforms import collate_fn
 
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))

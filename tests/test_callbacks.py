@@ -19,10 +19,10 @@ from protopool_hf.callbacks import (
     WarmupCallback,
     gumbel_scale_at,
 )
-from protopool_hf.data import collate_fn, make_transforms
 from protopool_hf.gumbel import GumbelScheduleWarning
 from protopool_hf.phases import set_trainable
 from protopool_hf.trainer import ProtoPoolTrainer
+from protopool_hf.transforms import collate_fn, make_transforms
 
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))

@@ -256,7 +256,7 @@ def test_saved_folder_is_safetensors_with_code_auto_map_and_preprocessor(tmp_pat
     files = {p.name for p in tmp_path.iterdir()}
     assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= files
     code = {"configuration_protopool.py", "modeling_protopool.py", "layers.py", "losses.py", "backbone.py"}
-    assert code | {"gumbel.py", "loading.py", "preprocessing.py"} <= files
+    assert code | {"gumbel.py", "loading.py", "preprocessing.py", "provenance.py", "torch_utils.py"} <= files
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
     config = json.loads((tmp_path / "config.json").read_text())
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageClassification"}

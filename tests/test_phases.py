@@ -11,11 +11,11 @@ import torch
 from protopool_hf import ProtoPoolForImageClassification
 from protopool_hf.backbone import leading_stage_parameters
 from protopool_hf.callbacks import GumbelScheduleCallback
-from protopool_hf.data import collate_fn
 from protopool_hf.phases import EpochStepDecay, protopool_param_groups, set_trainable
 from protopool_hf.recipe import ProtoPoolRecipe
 from protopool_hf.trainer import ProtoPoolTrainer
 from protopool_hf.training import train_protopool
+from protopool_hf.transforms import collate_fn
 
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
-from protopool_hf.data import from_hf_dataset, make_transforms
+from protopool_hf.data import from_hf_dataset
 from protopool_hf.drawing import colormap_lut, heatmap_overlay
 from protopool_hf.gallery import class_view, prototype_gallery, save_prototype_images
 from protopool_hf.maps import high_activation_box, model_view, preprocess, prototype_activation, upsample_map
@@ -23,6 +23,7 @@ from protopool_hf.pictures import (
     render_prototype,
     render_prototypes,
 )
+from protopool_hf.transforms import make_transforms
 from protopool_hf.usage import prototype_classes, used_prototypes
 
 

@@ -13,9 +13,10 @@ import torch
 from transformers import AutoImageProcessor, BitImageProcessor
 
 from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification, push_to_hub
-from protopool_hf.data import from_hf_dataset, make_transforms
+from protopool_hf.data import from_hf_dataset
 from protopool_hf.maps import preprocess
 from protopool_hf.preprocessing import EvalTransform, eval_data_config, image_processor_dict
+from protopool_hf.transforms import make_transforms
 
 
 TINY = {

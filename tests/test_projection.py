@@ -81,7 +81,7 @@ def test_projection_equals_brute_force_search():
     assert result.unused == UNUSED and result.used == [0, 1, 2, 3, 4]
     assert torch.equal(model.head.prototypes[UNUSED].detach(), before[UNUSED])
     assert result.image_index[UNUSED].tolist() == [-1, -1] and result.distance[UNUSED].isnan().all()
-    assert result.projected.tolist() == [True] * 5 + [False] * 2
+    assert result.is_projected.tolist() == [True] * 5 + [False] * 2
     assert result.num_images == 12 and result.input_size == [3, 96, 96] and result.unmatched == []
     assert model.is_assignment_hard
     text = result.summary(per_prototype=True)
@@ -206,8 +206,11 @@ def test_unmatched_prototypes_warn_and_stay():
     [
         ({"pixel_values": torch.zeros(2, 3, 96, 96)}, r"has no \['labels'\]"),
         ({"labels": torch.tensor([0, 1])}, r"has no \['pixel_values'\]"),
-        ({"pixel_values": torch.zeros(2, 3, 96, 96), "labels": torch.tensor([0, 3])}, r"hold \[3\], outside \[0, 3\)"),
-        ({"pixel_values": torch.zeros(2, 3, 96, 96), "labels": torch.tensor([-1, 0])}, r"hold \[-1\]"),
+        (
+            {"pixel_values": torch.zeros(2, 3, 96, 96), "labels": torch.tensor([0, 3])},
+            r"holds \[3\], outside \[0, 3\)",
+        ),
+        ({"pixel_values": torch.zeros(2, 3, 96, 96), "labels": torch.tensor([-1, 0])}, r"holds \[-1\]"),
         ({"pixel_values": torch.zeros(2, 3, 96, 96), "labels": torch.rand(2, 3)}, r"integer class indices"),
         ({"pixel_values": torch.zeros(3, 96, 96), "labels": torch.tensor([0])}, r"expected \(N, 3, H, W\)"),
         ((torch.zeros(2, 3, 96, 96), torch.tensor([0, 1])), r"batch 0 is a tuple"),
@@ -302,4 +305,4 @@ def test_two_processes_equal_one_process(tmp_path):
     for rank in ranks:
         assert "give its batches an `index` field" in rank["no_index_error"]
     assert ranks[0]["peer_error"].startswith("RuntimeError: Prototype projection failed on process(es) [1]")
-    assert ranks[1]["peer_error"].startswith("ValueError: `labels` of projection batch 0 hold [7]")
+    assert ranks[1]["peer_error"].startswith("ValueError: `labels` of projection batch 0 holds [7]")

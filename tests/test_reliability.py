@@ -32,18 +32,11 @@ import protopool_hf
 from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
 from protopool_hf.cli import main as cli_main
 from protopool_hf.convert import to_original_state_dict
-from protopool_hf.data import (
-    UnreadableImageError,
-    collate_fn,
-    decode_image,
-    from_hf_dataset,
-    load_cub200,
-    load_image_folder,
-    load_stanford_cars,
-    make_transforms,
-)
+from protopool_hf.data import from_hf_dataset, load_cub200, load_image_folder, load_stanford_cars
+from protopool_hf.images import UnreadableImageError, decode_image
 from protopool_hf.recipe import ProtoPoolRecipe
 from protopool_hf.training import _check_class_names, train_protopool
+from protopool_hf.transforms import collate_fn, make_transforms
 
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))

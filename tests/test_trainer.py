@@ -12,10 +12,10 @@ import torch
 
 from protopool_hf import ProtoPoolForImageClassification
 from protopool_hf.callbacks import GumbelScheduleCallback
-from protopool_hf.data import collate_fn
 from protopool_hf.losses import LOSS_TERM_NAMES, orthogonality_loss, weighted_total
 from protopool_hf.recipe import ProtoPoolRecipe
 from protopool_hf.trainer import ProtoPoolTrainer, compute_accuracy, mixup_draw
+from protopool_hf.transforms import collate_fn
 
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))

@@ -14,9 +14,9 @@ import torch
 from transformers import TrainerCallback
 
 from protopool_hf import ProtoPoolForImageClassification
-from protopool_hf.data import collate_fn
 from protopool_hf.recipe import ProtoPoolRecipe
 from protopool_hf.training import finish_distributed, split_train_validation, train_protopool
+from protopool_hf.transforms import collate_fn
 
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))

@@ -10,8 +10,9 @@ import torch
 from transformers import TrainingArguments
 
 from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
-from protopool_hf.data import load_fashion_mnist, make_transforms
+from protopool_hf.data import load_fashion_mnist
 from protopool_hf.training import split_train_validation
+from protopool_hf.transforms import make_transforms
 
 
 FASHION_MNIST = Path(__file__).resolve().parents[1] / "data" / "fashion-mnist"

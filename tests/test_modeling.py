@@ -10,19 +10,13 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification, pipeline
 
-from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification, ProtoPoolOutput
+from protopool_hf import ProtoPoolForImageClassification, ProtoPoolOutput
 from protopool_hf.backbone import leading_stage_parameters
 from protopool_hf.layers import slot_class_identity
 from protopool_hf.modeling_protopool import ProtoPoolHead
 
 
-TINY = {"num_labels": 3, "num_prototypes": 6, "num_slots_per_class": 2, "prototype_dim": 8}
 TEST_BACKBONES = timm.list_models("test_*")
-
-
-def tiny_model(backbone="test_resnet", **overrides):
-    torch.manual_seed(0)
-    return ProtoPoolForImageClassification(ProtoPoolConfig(backbone=backbone, **{**TINY, **overrides}))
 
 
 def parametrized_backbones(test) -> list[str]:
@@ -43,8 +37,8 @@ def test_every_timm_test_model_is_covered():
 
 
 @pytest.mark.parametrize("backbone", TEST_BACKBONES)
-def test_any_timm_backbone_trains_saves_and_reloads(backbone, tmp_path):
-    model = tiny_model(backbone, backbone_kwargs={"drop_path_rate": 0.1} if "vit" in backbone else None)
+def test_any_timm_backbone_trains_saves_and_reloads(tiny_model, backbone, tmp_path):
+    model = tiny_model(backbone=backbone, backbone_kwargs={"drop_path_rate": 0.1} if "vit" in backbone else None)
     size = model.config.input_size
     x = torch.randn(2, *size)
     out = model(x, labels=torch.tensor([0, 2]))
@@ -61,34 +55,34 @@ def test_any_timm_backbone_trains_saves_and_reloads(backbone, tmp_path):
         torch.testing.assert_close(reloaded(x).logits, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_feature_map_is_nchw_for_nhwc_and_token_backbones():
+def test_feature_map_is_nchw_for_nhwc_and_token_backbones(tiny_model):
     for backbone, channels in (("test_mambaout", 64), ("test_vit", 64)):
-        model = tiny_model(backbone).eval()
+        model = tiny_model(backbone=backbone).eval()
         features = model.forward_features(torch.randn(1, *model.config.input_size))
         assert features.shape[:2] == (1, channels) and features.shape[2] == features.shape[3] > 1
 
 
-def test_unused_backbone_modules_are_removed():
-    model = tiny_model("test_convnext")
+def test_unused_backbone_modules_are_removed(tiny_model):
+    model = tiny_model(backbone="test_convnext")
     assert isinstance(model.backbone.head, torch.nn.Identity)  # the head norm is never used by forward_features
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_earlier_feature_stage_gives_a_larger_map_and_drops_later_stages():
-    last = tiny_model("test_convnext", input_size=[3, 64, 64])
-    early = tiny_model("test_convnext", input_size=[3, 64, 64], feature_stage=1)
+def test_earlier_feature_stage_gives_a_larger_map_and_drops_later_stages(tiny_model):
+    last = tiny_model(backbone="test_convnext", input_size=[3, 64, 64])
+    early = tiny_model(backbone="test_convnext", input_size=[3, 64, 64], feature_stage=1)
     x = torch.randn(2, 3, 64, 64)
     assert last.forward_features(x).shape[-1] == 2 and early.forward_features(x).shape[-1] == 8
     assert sum(p.numel() for p in early.backbone.parameters()) < sum(p.numel() for p in last.backbone.parameters())
     early(x, labels=torch.tensor([0, 1])).loss.backward()
     assert all(p.grad is not None for p in early.parameters() if p.requires_grad)
     with pytest.raises(ValueError, match="`feature_stage`=7 is out of range for this backbone, which has 4 stages"):
-        tiny_model("test_convnext", feature_stage=7)
+        tiny_model(backbone="test_convnext", feature_stage=7)
 
 
 @pytest.mark.parametrize("backbone", TEST_BACKBONES)
-def test_leading_stages_are_exactly_what_each_stage_map_depends_on(backbone):
-    model = tiny_model(backbone)
+def test_leading_stages_are_exactly_what_each_stage_map_depends_on(tiny_model, backbone):
+    model = tiny_model(backbone=backbone)
     net = model.backbone
     params = dict(net.named_parameters())
     # One forward pass for all stage maps, one backward pass per map.
@@ -107,16 +101,16 @@ def test_leading_stages_are_exactly_what_each_stage_map_depends_on(backbone):
         leading_stage_parameters(net, 99)
 
 
-def test_leading_stages_of_a_cut_backbone_stop_at_its_feature_stage():
-    model = tiny_model("test_convnext", feature_stage=1)
+def test_leading_stages_of_a_cut_backbone_stop_at_its_feature_stage(tiny_model):
+    model = tiny_model(backbone="test_convnext", feature_stage=1)
     assert leading_stage_parameters(model.backbone, 2) == [name for name, _ in model.backbone.named_parameters()]
     with pytest.raises(ValueError, match="has only the stages up to that one"):
         leading_stage_parameters(model.backbone, 3)
 
 
-def test_model_builds_under_no_grad():
+def test_model_builds_under_no_grad(tiny_model):
     with torch.no_grad():
-        model = tiny_model("test_convnext")
+        model = tiny_model(backbone="test_convnext")
     assert isinstance(model.backbone.head, torch.nn.Identity)
     # Built under no_grad, the weights are still trainable leaves: a training step reaches every one of them.
     assert all(p.requires_grad and p.is_leaf for p in model.parameters())
@@ -124,13 +118,13 @@ def test_model_builds_under_no_grad():
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
 
 
-def test_batch_size_one():
+def test_batch_size_one(tiny_model):
     model = tiny_model().eval()
     out = model(torch.randn(1, 3, 160, 160), labels=torch.tensor([1]))
     assert out.logits.shape == (1, 3) and out.min_distances.shape == (1, 6) and torch.isfinite(out.loss)
 
 
-def test_output_and_loss_terms():
+def test_output_and_loss_terms(tiny_model):
     model = tiny_model().train()
     out = model(torch.randn(2, 3, 160, 160), labels=torch.tensor([0, 1]))
     assert isinstance(out, ProtoPoolOutput)
@@ -154,7 +148,7 @@ def test_output_and_loss_terms():
     ]
 
 
-def test_labels_out_of_range_are_refused_with_a_clear_message():
+def test_labels_out_of_range_are_refused_with_a_clear_message(tiny_model):
     model = tiny_model()
     x = torch.randn(2, 3, 160, 160)
     with pytest.raises(ValueError, match=r"`labels` holds \[3\], outside \[0, 3\)"):
@@ -163,7 +157,7 @@ def test_labels_out_of_range_are_refused_with_a_clear_message():
         model(x, labels=torch.tensor([-1, 0]))
 
 
-def test_eval_is_deterministic_softmax_and_scale_one_is_the_plain_softmax_path():
+def test_eval_is_deterministic_softmax_and_scale_one_is_the_plain_softmax_path(tiny_model):
     model = tiny_model().eval()
     model.set_gumbel_scale(1.0)
     torch.testing.assert_close(model.deterministic_assignment(), torch.softmax(model.head.slot_logits, dim=1))
@@ -175,7 +169,7 @@ def test_eval_is_deterministic_softmax_and_scale_one_is_the_plain_softmax_path()
         model.set_gumbel_scale(0.0)
 
 
-def test_gumbel_scale_and_hard_assignment_are_saved(tmp_path):
+def test_gumbel_scale_and_hard_assignment_are_saved(tiny_model, tmp_path):
     model = tiny_model()
     assert model.gumbel_scale == 1.0 and not model.is_assignment_hard
     model.set_gumbel_scale(577.35)
@@ -189,7 +183,7 @@ def test_gumbel_scale_and_hard_assignment_are_saved(tmp_path):
     assert torch.equal(reloaded.class_to_prototypes(), model.class_to_prototypes())
 
 
-def test_head_initialisation_follows_the_official_code():
+def test_head_initialisation_follows_the_official_code(tiny_model):
     model = tiny_model()
     weight = model.head.last_layer.weight
     assert weight.shape == (3, 6) and weight.sum() == 6 and torch.equal(weight[1, 2:4], torch.ones(2))
@@ -197,7 +191,7 @@ def test_head_initialisation_follows_the_official_code():
     assert model.head.prototypes.shape == (6, 8) and model.head.prototypes.min() >= 0
 
 
-def test_last_layer_connections_come_from_the_config_and_trained_weights_survive_reloading(tmp_path):
+def test_last_layer_connections_come_from_the_config_and_trained_weights_survive_reloading(tiny_model, tmp_path):
     model = tiny_model(last_layer_correct_connection=10.0)
     weight = model.head.last_layer.weight
     assert torch.equal(weight[0], torch.tensor([10.0, 10.0, 0, 0, 0, 0]))
@@ -209,7 +203,7 @@ def test_last_layer_connections_come_from_the_config_and_trained_weights_survive
     assert torch.equal(reloaded.head.last_layer.weight, weight)
 
 
-def test_post_init_keeps_timm_initialisation():
+def test_post_init_keeps_timm_initialisation(tiny_model):
     torch.manual_seed(0)
     native = timm.create_model("test_resnet", num_classes=0)
     model = tiny_model()
@@ -220,17 +214,12 @@ def test_post_init_keeps_timm_initialisation():
     assert not any(abs(s - 0.02) < 1e-3 for s in stds)
 
 
-def test_pretrained_backbone_weights_from_a_local_file_survive_construction(tmp_path):
+def test_pretrained_backbone_weights_from_a_local_file_survive_construction(tiny_config, tmp_path):
     torch.manual_seed(1)
     source = timm.create_model("test_resnet", num_classes=0)
     weights = tmp_path / "weights.pth"
     torch.save(source.state_dict(), weights)
-    config = ProtoPoolConfig(
-        backbone="test_resnet",
-        backbone_pretrained=True,
-        backbone_kwargs={"pretrained_cfg_overlay": {"file": str(weights)}},
-        **TINY,
-    )
+    config = tiny_config(backbone_pretrained=True, backbone_kwargs={"pretrained_cfg_overlay": {"file": str(weights)}})
     model = ProtoPoolForImageClassification(config)
     for name, tensor in source.state_dict().items():
         torch.testing.assert_close(model.backbone.state_dict()[name], tensor, msg=name)
@@ -240,8 +229,8 @@ def test_pretrained_backbone_weights_from_a_local_file_survive_construction(tmp_
     torch.testing.assert_close(reloaded.backbone.conv1[0].weight, source.conv1[0].weight)
 
 
-def test_non_persistent_timm_buffers_are_restored(tmp_path):
-    model = tiny_model("test_vit_relpos").eval()
+def test_non_persistent_timm_buffers_are_restored(tiny_model, tmp_path):
+    model = tiny_model(backbone="test_vit_relpos").eval()
     model.save_pretrained(tmp_path)
     reloaded = ProtoPoolForImageClassification.from_pretrained(tmp_path).eval()
     for (name, buffer), (_, expected) in zip(
@@ -250,7 +239,7 @@ def test_non_persistent_timm_buffers_are_restored(tmp_path):
         assert torch.equal(buffer, expected), name
 
 
-def test_saved_folder_is_safetensors_with_code_auto_map_and_preprocessor(tmp_path):
+def test_saved_folder_is_safetensors_with_code_auto_map_and_preprocessor(tiny_model, tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path)
     files = {p.name for p in tmp_path.iterdir()}
@@ -264,7 +253,7 @@ def test_saved_folder_is_safetensors_with_code_auto_map_and_preprocessor(tmp_pat
     assert isinstance(AutoModel.from_pretrained(tmp_path), ProtoPoolForImageClassification)
 
 
-def test_remote_code_loads_in_a_fresh_process_without_the_package(tmp_path):
+def test_remote_code_loads_in_a_fresh_process_without_the_package(tiny_model, tmp_path):
     model = tiny_model().eval()
     x = torch.randn(2, 3, 160, 160)
     with torch.no_grad():
@@ -306,7 +295,7 @@ def test_remote_code_loads_in_a_fresh_process_without_the_package(tmp_path):
     assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
 
 
-def test_pipeline_returns_the_model_labels(tmp_path):
+def test_pipeline_returns_the_model_labels(tiny_model, tmp_path):
     model = tiny_model(id2label={0: "cat", 1: "dog", 2: "eel"}, label2id={"cat": 0, "dog": 1, "eel": 2})
     model.save_pretrained(tmp_path)
     classify = pipeline("image-classification", model=str(tmp_path))
@@ -320,7 +309,7 @@ def test_pipeline_returns_the_model_labels(tmp_path):
     assert predictions[0]["label"] == model.config.id2label[int(logits.argmax())]
 
 
-def test_bf16_autocast_logits_match_float32():
+def test_bf16_autocast_logits_match_float32(tiny_model):
     model = tiny_model().eval()
     x = torch.randn(2, 3, 160, 160)
     with torch.no_grad():
@@ -331,11 +320,11 @@ def test_bf16_autocast_logits_match_float32():
     torch.testing.assert_close(mixed.logits, reference, atol=1e-2, rtol=0)
 
 
-def test_activation_checkpointing_recomputes_the_stages_and_gives_the_same_gradients():
+def test_activation_checkpointing_recomputes_the_stages_and_gives_the_same_gradients(tiny_model):
     x, labels = torch.randn(2, 3, 160, 160), torch.tensor([0, 1])
     runs = {}
     for checkpointing in (False, True):
-        model = tiny_model("test_convnext").train()
+        model = tiny_model(backbone="test_convnext").train()
         if checkpointing:
             model.activation_checkpointing_enable()  # the stock transformers 5 switch
             assert model.is_activation_checkpointing
@@ -409,8 +398,8 @@ def test_head_computes_in_float32_under_bf16_autocast():
 
 
 # ---------------------------------------------------------------------------------------------- the model
-def test_constructing_a_model_leaves_the_callers_config_untouched():
-    config = ProtoPoolConfig(backbone="test_resnet", **TINY)
+def test_constructing_a_model_leaves_the_callers_config_untouched(tiny_config):
+    config = tiny_config()
     before = config.to_dict()
     model = ProtoPoolForImageClassification(config)
     assert config.to_dict() == before and config.input_size is None and config.image_mean is None
@@ -418,7 +407,7 @@ def test_constructing_a_model_leaves_the_callers_config_untouched():
     assert model.config.input_size == [3, 160, 160] and model.config.crop_mode == "center"  # recorded in its copy
 
 
-def test_forward_runs_forward_head_on_forward_features_and_returns_one_output_type():
+def test_forward_runs_forward_head_on_forward_features_and_returns_one_output_type(tiny_model):
     model = tiny_model().eval()
     x = torch.randn(2, 3, 160, 160)
     with torch.no_grad():
@@ -437,6 +426,6 @@ def test_forward_runs_forward_head_on_forward_features_and_returns_one_output_ty
     assert list(with_loss.keys())[:2] == ["loss", "logits"]  # Trainer reads outputs[0] as the loss
 
 
-def test_mixup_labels_without_labels_are_refused():
+def test_mixup_labels_without_labels_are_refused(tiny_model):
     with pytest.raises(ValueError, match="`mixup_labels` came without `labels`"):
         tiny_model()(torch.randn(2, 3, 160, 160), mixup_labels=torch.tensor([0, 1]), mixup_lambda=0.5)

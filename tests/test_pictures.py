@@ -8,8 +8,9 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from photo_fixtures import PHOTOS, photo_dataset, photo_model
 
-from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
+from protopool_hf import ProtoPoolForImageClassification
 from protopool_hf.data import from_hf_dataset, make_transforms
 from protopool_hf.drawing import colormap_lut, heatmap_overlay
 from protopool_hf.gallery import class_view, prototype_gallery, save_prototype_images
@@ -26,29 +27,13 @@ from protopool_hf.pictures import (
 from protopool_hf.usage import prototype_classes, used_prototypes
 
 
-PHOTOS = sorted((Path(__file__).parent / "data" / "photos").glob("*.jpg"))
-NAMES = ["bull mastiff", "strawberry", "drum", "bald eagle"]
 NUM_PROTOTYPES = 8
 # (image, feature row, feature column) of each prototype's source patch on the 5×5 map of test_resnet at 160 px.
 SOURCES = [(0, 1, 2), (1, 2, 4), (2, 3, 3), (3, 4, 1), (0, 4, 4), (1, 0, 0), (2, 2, 0), (3, 1, 3)]
 
 
-def photo_dataset() -> datasets.Dataset:
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=NAMES)})
-    return datasets.Dataset.from_dict({"image": [str(p) for p in PHOTOS], "label": [0, 1, 2, 3]}, features=features)
-
-
 def make_model(**overrides) -> ProtoPoolForImageClassification:
-    torch.manual_seed(0)
-    kwargs = {
-        "backbone": "test_resnet",
-        "num_labels": 4,
-        "num_prototypes": NUM_PROTOTYPES,
-        "num_slots_per_class": 2,
-        "prototype_dim": 16,
-        "id2label": dict(enumerate(NAMES)),
-    }
-    return ProtoPoolForImageClassification(ProtoPoolConfig(**{**kwargs, **overrides})).eval()
+    return photo_model(**{"num_prototypes": NUM_PROTOTYPES, **overrides})
 
 
 def give_provenance(model: ProtoPoolForImageClassification, dataset, sources=SOURCES) -> None:

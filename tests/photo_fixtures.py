@@ -1,4 +1,8 @@
-"""Tiny model folders for the explorer tests: projected (pictures, examples, reports) and never projected."""
+"""The four committed photos as a dataset, the tiny model sized for them, and model folders for the explorer tests.
+
+The model is the suite's tiny model (`protopool_tiny.tiny_model`, the one conftest's `tiny_model` fixture returns)
+with one class per photo.
+"""
 
 import json
 from pathlib import Path
@@ -6,22 +10,17 @@ from pathlib import Path
 import datasets
 import PIL.Image
 import torch
+from protopool_tiny import tiny_model
 
-from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
+from protopool_hf import ProtoPoolForImageClassification
+from protopool_hf.maps import preprocess
 
 
 PHOTOS = sorted((Path(__file__).parent / "data" / "photos").glob("*.jpg"))
 NAMES = ["bull mastiff", "strawberry", "drum", "bald eagle"]
-TINY = {
-    "backbone": "test_resnet",
-    "num_labels": 4,
-    "num_prototypes": 8,
-    "num_slots_per_class": 2,
-    "prototype_dim": 16,
-    "input_size": [3, 64, 64],
-    "id2label": dict(enumerate(NAMES)),
-    "label2id": {name: i for i, name in enumerate(NAMES)},
-}
+PHOTO_MODEL = {"num_labels": 4, "num_prototypes": 8, "num_slots_per_class": 2, "prototype_dim": 16}
+# The explorer's model: 64 px, with both label maps.
+EXPLORER = {"input_size": [3, 64, 64], "label2id": {name: i for i, name in enumerate(NAMES)}}
 # A report in the shape `protopool_hf.evaluate_interpretability(...).to_dict()` writes (a few of its fields).
 REPORT = {
     "num_images": 4,
@@ -38,9 +37,24 @@ def photo_dataset() -> datasets.Dataset:
     return datasets.Dataset.from_dict({"image": [str(p) for p in PHOTOS], "label": [0, 1, 2, 3]}, features=features)
 
 
-def tiny_model(seed: int = 0) -> ProtoPoolForImageClassification:
-    torch.manual_seed(seed)
-    return ProtoPoolForImageClassification(ProtoPoolConfig(**TINY)).eval()
+def photo_model(seed: int = 0, **overrides) -> ProtoPoolForImageClassification:
+    """The tiny model with one class per photo (`NAMES`), 8 prototypes, 2 slots per class, in eval mode."""
+    return tiny_model(seed, **{**PHOTO_MODEL, "id2label": dict(enumerate(NAMES)), **overrides}).eval()
+
+
+def project_by_hand(model: ProtoPoolForImageClassification, dataset) -> None:
+    """Class c uses prototypes c and c + 4, each set to a patch of the class's photo, with its provenance."""
+    pixels = torch.cat([preprocess(dataset[i]["image"], model.config) for i in range(4)])
+    image = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    row, col = torch.tensor([1, 2, 3, 4, 4, 0, 2, 1]), torch.tensor([2, 4, 3, 1, 4, 0, 0, 3])
+    with torch.no_grad():
+        model.head.prototypes.copy_(model.latent_map(pixels)[image, :, row, col])
+        model.head.slot_logits.fill_(-5.0)
+        for c in range(4):
+            model.head.slot_logits[c, c, 0] = 5.0
+            model.head.slot_logits[c, c + 4, 1] = 5.0
+    model.harden_assignment()
+    model.set_projection_provenance(image, row, col, torch.zeros(8), image, input_size=[3, 160, 160])
 
 
 def projected_folder(folder: Path) -> Path:
@@ -50,7 +64,7 @@ def projected_folder(folder: Path) -> Path:
     from protopool_hf.hub import save_model_folder
     from protopool_hf.projection import project_prototypes
 
-    model = tiny_model()
+    model = photo_model(**EXPLORER)
     raw = photo_dataset()
     project_prototypes(model, raw.with_transform(make_transforms(model.config, train=False)), batch_size=4)
     save_model_folder(model, folder, dataset=raw)
@@ -65,5 +79,5 @@ def projected_folder(folder: Path) -> Path:
 
 def unprojected_folder(folder: Path) -> Path:
     """A tiny model straight from initialisation, saved with save_pretrained only."""
-    tiny_model(1).save_pretrained(folder)
+    photo_model(1, **EXPLORER).save_pretrained(folder)
     return folder

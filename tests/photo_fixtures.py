@@ -5,9 +5,11 @@ with one class per photo.
 """
 
 import json
+import math
 from pathlib import Path
 
 import datasets
+import numpy as np
 import PIL.Image
 import torch
 from protopool_tiny import tiny_model
@@ -42,19 +44,43 @@ def photo_model(seed: int = 0, **overrides) -> ProtoPoolForImageClassification:
     return tiny_model(seed, **{**PHOTO_MODEL, "id2label": dict(enumerate(NAMES)), **overrides}).eval()
 
 
-def project_by_hand(model: ProtoPoolForImageClassification, dataset) -> None:
-    """Class c uses prototypes c and c + 4, each set to a patch of the class's photo, with its provenance."""
-    pixels = torch.cat([preprocess(dataset[i]["image"], model.config) for i in range(4)])
-    image = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
-    row, col = torch.tensor([1, 2, 3, 4, 4, 0, 2, 1]), torch.tensor([2, 4, 3, 1, 4, 0, 0, 3])
+# (image, feature row, feature column) of each prototype's source patch on the 5×5 map of test_resnet at 160 px.
+SOURCES = [(0, 1, 2), (1, 2, 4), (2, 3, 3), (3, 4, 1), (0, 4, 4), (1, 0, 0), (2, 2, 0), (3, 1, 3)]
+
+
+def give_provenance(model: ProtoPoolForImageClassification, dataset, sources=SOURCES) -> None:
+    """What a projection leaves behind: prototype p is the latent patch at its recorded (image, row, col)."""
+    pixels = torch.cat([preprocess(dataset[i]["image"], model.config) for i in range(len(dataset))])
+    image, row, col = (torch.tensor(v) for v in zip(*sources, strict=True))
     with torch.no_grad():
-        model.head.prototypes.copy_(model.latent_map(pixels)[image, :, row, col])
+        latent = model.latent_map(pixels)
+        model.head.prototypes.copy_(latent[image, :, row, col])
+        # Class c uses prototypes c and c + 4, so every prototype is used.
         model.head.slot_logits.fill_(-5.0)
         for c in range(4):
             model.head.slot_logits[c, c, 0] = 5.0
             model.head.slot_logits[c, c + 4, 1] = 5.0
+    labels = torch.tensor([dataset[int(i)]["label"] for i in image])
     model.harden_assignment()
-    model.set_projection_provenance(image, row, col, torch.zeros(8), image, input_size=[3, 160, 160])
+    input_size = list(model.config.input_size)
+    model.set_projection_provenance(image, row, col, torch.zeros(len(sources)), labels, input_size=input_size)
+
+
+def reference_view(path: Path, size: int = 160, crop_pct: float = 0.95) -> np.ndarray:
+    """The eval geometry written out by hand: shortest edge to floor(size / crop_pct) (torchvision's antialiased
+    resize of uint8 pixels, as transformers' default image processor), then a centre crop at floored offsets."""
+    from torchvision.transforms.v2 import functional as tvF
+
+    image = PIL.Image.open(path).convert("RGB")
+    short = math.floor(size / crop_pct)
+    if image.width <= image.height:
+        new = (int(short * image.height / image.width), short)
+    else:
+        new = (short, int(short * image.width / image.height))
+    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+    pixels = tvF.resize(pixels, list(new), interpolation=tvF.InterpolationMode.BILINEAR, antialias=True)
+    top, left = (new[0] - size) // 2, (new[1] - size) // 2
+    return pixels[:, top : top + size, left : left + size].permute(1, 2, 0).numpy()
 
 
 def projected_folder(folder: Path) -> Path:

@@ -9,7 +9,7 @@ import PIL.Image
 import PIL.ImageDraw
 import pytest
 import torch
-from photo_fixtures import NAMES, PHOTOS, photo_dataset, photo_model, project_by_hand
+from photo_fixtures import NAMES, PHOTOS, give_provenance, photo_dataset, photo_model
 
 from protopool_hf import ProtoPoolForImageClassification
 from protopool_hf.explanation import Explanation, explain
@@ -29,7 +29,7 @@ def dataset() -> datasets.Dataset:
 @pytest.fixture(scope="module")
 def projected(dataset) -> ProtoPoolForImageClassification:
     model = photo_model()
-    project_by_hand(model, dataset)
+    give_provenance(model, dataset)
     return model
 
 
@@ -66,7 +66,7 @@ def test_contributions_sum_to_every_logit(projected, index):
 
 def test_contributions_include_off_class_slots_after_fine_tuning(dataset):
     model = photo_model(seed=1)
-    project_by_hand(model, dataset)
+    give_provenance(model, dataset)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         weight = model.head.last_layer.weight

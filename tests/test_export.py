@@ -14,7 +14,7 @@ import protopool_tiny
 import pytest
 import timm
 import torch
-from photo_fixtures import PHOTOS, photo_dataset, photo_model, project_by_hand
+from photo_fixtures import PHOTOS, give_provenance, photo_dataset, photo_model
 
 import protopool_hf
 from protopool_hf import ProtoPoolForImageClassification
@@ -131,7 +131,7 @@ def explained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
     dataset = photo_dataset()
     model = photo_model()
-    project_by_hand(model, dataset)
+    give_provenance(model, dataset)
     model.save_pretrained(folder)
     save_prototype_images(model, dataset, folder)
     path = protopool_hf.export_onnx(model, folder.parent / "model.onnx")

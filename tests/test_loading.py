@@ -19,11 +19,12 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForImageClassification
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 import protopool_hf
 from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
@@ -220,3 +221,62 @@ def test_a_model_loads_under_inference_mode(saved):
     model, folder = saved
     with torch.inference_mode():
         _load_and_compare(model, folder)
+
+
+# --------------------------------------------------------------------------- what save_pretrained adds
+
+
+def test_saved_folder_is_safetensors_with_code_auto_map_and_preprocessor(tiny_model, tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= files
+    code = {"configuration_protopool.py", "modeling_protopool.py", "layers.py", "losses.py", "backbone.py"}
+    assert code | {"gumbel.py", "loading.py", "preprocessing.py"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageClassification"}
+    assert config["input_size"] == [3, 160, 160] and config["image_mean"] == [0.5, 0.5, 0.5]
+    assert isinstance(AutoModel.from_pretrained(tmp_path), ProtoPoolForImageClassification)
+
+
+def test_remote_code_loads_in_a_fresh_process_without_the_package(tiny_model, tmp_path):
+    model = tiny_model().eval()
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        np.save(tmp_path / "expected.npy", model(x).logits.numpy())
+    np.save(tmp_path / "x.npy", x.numpy())
+    model.save_pretrained(tmp_path / "model")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["protopool_hf"] = None  # the package is not importable in this process
+        import numpy as np, torch
+        from transformers import AutoModel, AutoModelForImageClassification
+        try:
+            import protopool_hf
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("protopool_hf should not be importable here")
+        folder = r"{tmp_path / "model"}"
+        x = torch.from_numpy(np.load(r"{tmp_path / "x.npy"}"))
+        expected = np.load(r"{tmp_path / "expected.npy"}")
+        for auto in (AutoModelForImageClassification, AutoModel):
+            model = auto.from_pretrained(folder, trust_remote_code=True).eval()
+            assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+            with torch.no_grad():
+                np.testing.assert_allclose(model(x).logits.numpy(), expected, atol=1e-6)
+        print("REMOTE-OK")
+        """
+    )
+    env_home = tmp_path / "hf"
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(env_home), "PATH": "/usr/bin:/bin"},
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]

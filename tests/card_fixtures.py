@@ -5,10 +5,11 @@ import functools
 import io
 from pathlib import Path
 
+import protopool_tiny
 import torch
 from PIL import Image
 
-from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
+from protopool_hf import ProtoPoolForImageClassification
 from protopool_hf.metrics import BoxStats, InterpretabilityReport, LocalisationScores
 from protopool_hf.pictures import GALLERY_FILE
 
@@ -58,24 +59,15 @@ REPORT = InterpretabilityReport(
 ).to_dict()
 
 
-def tiny_model(projected: bool = True) -> ProtoPoolForImageClassification:
-    """A fixed test_resnet model: known slot assignment, and (when `projected`) provenance for every used prototype."""
+def card_model(projected: bool = True) -> ProtoPoolForImageClassification:
+    """The suite's tiny model (`protopool_tiny.tiny_model`, seed 0) with a known slot assignment and (when `projected`)
+    provenance for every used prototype."""
     return copy.deepcopy(_tiny_model(projected))
 
 
 @functools.cache
 def _tiny_model(projected: bool) -> ProtoPoolForImageClassification:
-    torch.manual_seed(0)
-    config = ProtoPoolConfig(
-        backbone="test_resnet",
-        num_labels=3,
-        num_prototypes=6,
-        num_slots_per_class=2,
-        prototype_dim=8,
-        id2label=CLASSES,
-        label2id={name: index for index, name in CLASSES.items()},
-    )
-    model = ProtoPoolForImageClassification(config).eval()
+    model = protopool_tiny.tiny_model(0, id2label=CLASSES, label2id={name: i for i, name in CLASSES.items()}).eval()
     with torch.no_grad():
         logits = torch.full((3, 6, 2), -5.0)
         for class_id, prototypes in enumerate(SLOTS):

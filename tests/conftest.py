@@ -10,6 +10,12 @@ import pytest
 from hub_server import HubServer
 
 
+# tests/scripts holds protopool_tiny, the one definition of the suite's tiny model, which the subprocess scripts there
+# import as a plain module; test files get it through the fixtures below (or import its Fashion-MNIST helpers).
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+import protopool_tiny
+
+
 # ---- slow tests are opt-in: `pytest --run-slow` or RUN_SLOW=1 ----------------------------------------------------------
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", default=False, help="also run tests marked slow")
@@ -22,6 +28,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
+
+
+# ---- tiny_config / tiny_model: the suite's one tiny model (see tests/scripts/protopool_tiny.py) -----------------------
+@pytest.fixture(scope="session")
+def tiny_config() -> Callable[..., protopool_tiny.ProtoPoolConfig]:
+    """The builder of the tiny config: `tiny_config(**overrides)`, e.g. `tiny_config(num_labels=4, input_size=[3, 64, 64])`.
+
+    Base: test_resnet, 3 classes, 6 prototypes, 2 slots per class, 8-dimensional prototypes (`protopool_tiny.TINY`).
+    """
+    return protopool_tiny.tiny_config
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Callable[..., protopool_tiny.ProtoPoolForImageClassification]:
+    """The builder of the tiny model: `tiny_model(seed=0, **config_overrides)`, initialised under `torch.manual_seed(seed)`
+    and returned in training mode (call `.eval()` where a test needs it)."""
+    return protopool_tiny.tiny_model
 
 
 # ---- hub_endpoint / hub_server: a Hugging Face Hub on 127.0.0.1 (see tests/hub_server.py) ----------------------------

@@ -17,7 +17,7 @@ import pytest
 gr = pytest.importorskip("gradio", reason="the explorer needs the app extra: pip install 'protopool-hf[app]'")
 gradio_client = pytest.importorskip("gradio_client", reason="the /explain test needs gradio_client (dev extra)")
 
-from explorer_model import NAMES, PHOTOS, REPORT, projected_folder, unprojected_folder  # noqa: E402
+from photo_fixtures import NAMES, PHOTOS, REPORT, projected_folder, unprojected_folder  # noqa: E402
 
 from protopool_hf.app import build_app  # noqa: E402
 from protopool_hf.cli import main  # noqa: E402
@@ -109,12 +109,9 @@ def test_the_api_lists_one_explain_endpoint_taking_an_image(client):
     assert not Path(protopool_hf.app.__file__).with_suffix(".pyi").exists()  # gradio writes one for component classes
 
 
-def test_the_api_picture_lists_five_classes_and_the_probabilities_all(tmp_path):
-    from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
-
-    config = ProtoPoolConfig(backbone="test_resnet", num_labels=12, num_prototypes=14, num_slots_per_class=1)
-    config.input_size = [3, 64, 64]
-    ProtoPoolForImageClassification(config).save_pretrained(tmp_path / "many")
+def test_the_api_picture_lists_five_classes_and_the_probabilities_all(tmp_path, tiny_model):
+    many = tiny_model(num_labels=12, num_prototypes=14, num_slots_per_class=1, input_size=[3, 64, 64])
+    many.save_pretrained(tmp_path / "many")
     app = build_app(tmp_path / "many")
     port = free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)

@@ -15,14 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from card_fixtures import siblings, snapshot, tiny_model
+from card_fixtures import card_model, siblings, snapshot
 
-from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification, atomic
+from protopool_hf import ProtoPoolForImageClassification, atomic
 from protopool_hf.atomic import finish_interrupted_swap, read_json, replace_folder, write_file, write_json
 from protopool_hf.hub import save_model_folder
-
-
-TINY = {"backbone": "test_resnet", "num_labels": 3, "num_prototypes": 6, "num_slots_per_class": 2, "prototype_dim": 8}
 
 
 # --------------------------------------------------------------------------- files
@@ -112,7 +109,7 @@ def test_an_interrupted_two_rename_swap_is_finished_by_the_next_save(tmp_path, c
     folder.rename(old)  # crashed before the new folder was complete: restore the old one
     finish_interrupted_swap(folder)
     assert snapshot(folder) == {"file.txt": b"new"} and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    save_model_folder(tiny_model(), folder)
+    save_model_folder(card_model(), folder)
     assert "file.txt" in snapshot(folder)  # carried over
 
 
@@ -169,11 +166,8 @@ def _truncate(path: Path) -> None:
 
 
 @pytest.mark.parametrize("kill_point", list(KILL_POINTS))
-def test_a_save_killed_midway_leaves_the_old_or_the_new_model(tmp_path, kill_point):
-    torch.manual_seed(0)
-    old = ProtoPoolForImageClassification(ProtoPoolConfig(**TINY)).eval()
-    torch.manual_seed(1)
-    new = ProtoPoolForImageClassification(ProtoPoolConfig(**TINY)).eval()
+def test_a_save_killed_midway_leaves_the_old_or_the_new_model(tiny_model, tmp_path, kill_point):
+    old, new = tiny_model(0).eval(), tiny_model(1).eval()
     folder = save_model_folder(old, tmp_path / "model")
     before = snapshot(folder)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))

@@ -19,19 +19,16 @@ from transformers import AutoModelForImageClassification, pipeline
 from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
 from protopool_hf.cli import main as cli_main
 from protopool_hf.convert import to_original_state_dict
-from protopool_hf.data import load_cub200, load_fashion_mnist, load_image_folder
+from protopool_hf.data import from_hf_dataset, load_cub200, load_fashion_mnist, load_image_folder, load_stanford_cars
 from protopool_hf.projection import project_prototypes
 from protopool_hf.recipe import ProtoPoolRecipe
-from protopool_hf.training import train_protopool
+from protopool_hf.training import _check_class_names, train_protopool
 from protopool_hf.transforms import collate_fn
 
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
-from protopool_tiny import FASHION_MNIST, fashion_mnist, tiny_config, tiny_model
-
-
-TINY = {"backbone": "test_resnet", "num_labels": 3, "num_prototypes": 6, "num_slots_per_class": 2, "prototype_dim": 8}
+from protopool_tiny import FASHION_MNIST, TINY, fashion_config, fashion_mnist, fashion_model
 
 
 def _recipe(output_dir: Path, **overrides) -> ProtoPoolRecipe:
@@ -64,7 +61,7 @@ def _snapshot(folder: Path) -> dict[str, str]:
 def _old_model_folder(folder: Path) -> dict[str, str]:
     """A saved model with a card and prototype pictures, as the demo or `project` leave it."""
     ProtoPoolForImageClassification(
-        tiny_config(num_labels=2, num_prototypes=5, num_slots_per_class=2)
+        fashion_config(num_labels=2, num_prototypes=5, num_slots_per_class=2)
     ).save_pretrained(folder)
     (folder / "README.md").write_text("# Old model\n\nFashion-MNIST accuracy 88.55 %\n")
     (folder / "prototypes").mkdir()
@@ -88,7 +85,7 @@ def _named(names: list[str], labels: list[int]) -> datasets.Dataset:
 def test_train_refuses_a_model_folder_and_replaces_it_whole_with_overwrite(tmp_path):
     out = tmp_path / "model"
     before = _old_model_folder(out)
-    model = tiny_model()
+    model = fashion_model()
     train, _, plain = fashion_mnist(model.config, 16)
     with pytest.raises(FileExistsError, match=r"already holds a saved model \(config\.json, .*README\.md, prototypes"):
         train_protopool(model, train, None, plain, _recipe(out))
@@ -104,24 +101,24 @@ def test_train_refuses_a_model_folder_and_replaces_it_whole_with_overwrite(tmp_p
 
     # A finished run in the folder: overwrite starts afresh (the old phases go), resuming needs no overwrite.
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        train_protopool(tiny_model(), train, None, plain, _recipe(out))
-    train_protopool(tiny_model(), train, None, plain, _recipe(out), resume_from_checkpoint=True)
-    again = train_protopool(tiny_model(seed=1), train, None, plain, _recipe(out), overwrite=True)
+        train_protopool(fashion_model(), train, None, plain, _recipe(out))
+    train_protopool(fashion_model(), train, None, plain, _recipe(out), resume_from_checkpoint=True)
+    again = train_protopool(fashion_model(seed=1), train, None, plain, _recipe(out), overwrite=True)
     assert again.projection is not None  # every stage ran again
 
 
 def test_resuming_a_model_folder_that_is_not_a_run_still_needs_overwrite(tmp_path):
     out = tmp_path / "model"
     before = _old_model_folder(out)
-    model = tiny_model()
+    model = fashion_model()
     train, _, plain = fashion_mnist(model.config, 16)
     with pytest.raises(FileExistsError, match="already holds a saved model"):
         train_protopool(model, train, None, plain, _recipe(out), resume_from_checkpoint=True)
     assert _snapshot(out) == before
 
 
-def test_convert_refuses_a_model_folder_and_replaces_it_whole_with_overwrite(tmp_path, capsys):
-    config = ProtoPoolConfig(**TINY)
+def test_convert_refuses_a_model_folder_and_replaces_it_whole_with_overwrite(tiny_config, tmp_path, capsys):
+    config = tiny_config()
     checkpoint = tmp_path / "best_model.pth"
     torch.save({"model_state_dict": to_original_state_dict(ProtoPoolForImageClassification(config))}, checkpoint)
     out = tmp_path / "model"
@@ -149,20 +146,20 @@ def test_convert_names_a_text_file_that_is_not_a_checkpoint(tmp_path, capsys):
 # --------------------------------------------------------------------------- configurations that cannot learn
 
 
-def test_a_1x1_feature_map_is_refused_with_the_fix():
+def test_a_1x1_feature_map_is_refused_with_the_fix(tiny_model):
     message = r"'test_resnet' makes a 1×1 feature map from 32×32 images .*earlier `feature_stage` \(e\.g\. 3\)"
     with pytest.raises(ValueError, match=message):
-        ProtoPoolForImageClassification(ProtoPoolConfig(**TINY, input_size=[3, 32, 32]))
+        tiny_model(input_size=[3, 32, 32])
     with pytest.raises(ValueError, match=r"\(feature_stage=-1\)"):
-        ProtoPoolForImageClassification(ProtoPoolConfig(**TINY, input_size=[3, 32, 32], feature_stage=-1))
+        tiny_model(input_size=[3, 32, 32], feature_stage=-1)
     with pytest.raises(ValueError, match=r"16×16 images .*Use a larger image size"):  # ViT stages share one grid
-        ProtoPoolForImageClassification(ProtoPoolConfig(**{**TINY, "backbone": "test_vit"}, input_size=[3, 16, 16]))
-    model = ProtoPoolForImageClassification(ProtoPoolConfig(**TINY, input_size=[3, 32, 32], feature_stage=3))
+        tiny_model(backbone="test_vit", input_size=[3, 16, 16])
+    model = tiny_model(input_size=[3, 32, 32], feature_stage=3)
     assert model.forward_features(torch.zeros(2, 3, 32, 32)).shape[-2:] == (2, 2)  # the suggested stage works
 
 
 def test_training_refuses_one_class(tmp_path):
-    model = tiny_model(num_labels=1, id2label={0: "Sneaker"})
+    model = fashion_model(num_labels=1, id2label={0: "Sneaker"})
     one = _named(["Sneaker"], [0, 0])
     with pytest.raises(ValueError, match=r"num_labels=1 \(\['Sneaker'\]\): a classifier needs at least two classes"):
         train_protopool(model, one, None, one, _recipe(tmp_path / "run"))
@@ -171,7 +168,7 @@ def test_training_refuses_one_class(tmp_path):
 
 def test_training_refuses_a_test_split_with_other_class_names(tmp_path):
     names = ["T-shirt/top", "Trouser", "Sneaker"]
-    model = tiny_model(num_labels=3, id2label=dict(enumerate(names)))
+    model = fashion_model(num_labels=3, id2label=dict(enumerate(names)))
     train = _named(names, [0, 1, 2])
     other = _named(["T-shirt/top", "Trouser", "Sandal"], [0])  # labels 0 only: the names are compared
     with pytest.raises(ValueError, match=r"`test_dataset` calls class 2 'Sandal' but the model's id2label\[2\]"):
@@ -207,14 +204,14 @@ def test_cli_train_refuses_a_test_folder_with_other_classes(tmp_path, capsys):
 # --------------------------------------------------------------------------- config fields
 
 
-def test_id2label_must_name_every_class_with_indices_0_to_c_minus_1(tmp_path):
+def test_id2label_must_name_every_class_with_indices_0_to_c_minus_1(tiny_model, tiny_config, tmp_path):
     with pytest.raises(ValueError, match=r"`num_labels`=3 but `id2label` names 2 classes"):
-        ProtoPoolConfig(**TINY, id2label={0: "a", 1: "b"})
+        tiny_config(id2label={0: "a", 1: "b"})
     with pytest.raises(ValueError, match=r"`id2label` keys must be exactly the class indices 0\.\.1, got \[0, 5\]"):
         ProtoPoolConfig(**{k: v for k, v in TINY.items() if k != "num_labels"}, id2label={"0": "a", "5": "b"})
 
     folder = tmp_path / "model"
-    ProtoPoolForImageClassification(ProtoPoolConfig(**TINY, id2label={0: "a", 1: "b", 2: "c"})).save_pretrained(folder)
+    tiny_model(id2label={0: "a", 1: "b", 2: "c"}).save_pretrained(folder)
     with pytest.raises(ValueError, match=r"got \[0, 5\]"):
         AutoModelForImageClassification.from_pretrained(folder, id2label={"0": "a", "5": "b"})
     tampered = json.loads((folder / "config.json").read_text())
@@ -224,9 +221,9 @@ def test_id2label_must_name_every_class_with_indices_0_to_c_minus_1(tmp_path):
         AutoModelForImageClassification.from_pretrained(folder)
 
 
-def test_stock_from_pretrained_with_new_labels_still_works(tmp_path):
+def test_stock_from_pretrained_with_new_labels_still_works(tiny_config, tmp_path):
     folder = tmp_path / "model"
-    config = ProtoPoolConfig(**TINY, input_size=[3, 64, 64], id2label={0: "a", 1: "b", 2: "c"})
+    config = tiny_config(input_size=[3, 64, 64], id2label={0: "a", 1: "b", 2: "c"})
     ProtoPoolForImageClassification(config).save_pretrained(folder)
     names = {0: "w", 1: "x", 2: "y", 3: "z"}
     model = AutoModelForImageClassification.from_pretrained(
@@ -243,13 +240,13 @@ def test_stock_from_pretrained_with_new_labels_still_works(tmp_path):
     assert {row["label"] for row in classifier(PIL.Image.new("RGB", (64, 64)))} == set(names.values())
 
 
-def test_input_size_needs_three_channels():
+def test_input_size_needs_three_channels(tiny_config):
     with pytest.raises(ValueError, match=r"`input_size` must have 3 channels .*got \[1, 64, 64\]: use \[3, 64, 64\]"):
-        ProtoPoolConfig(**TINY, input_size=[1, 64, 64])
+        tiny_config(input_size=[1, 64, 64])
 
 
-def test_unknown_backbone_kwargs_name_the_key_and_the_backbone():
-    config = ProtoPoolConfig(**TINY, backbone_kwargs={"no_such_arg": 1})
+def test_unknown_backbone_kwargs_name_the_key_and_the_backbone(tiny_config):
+    config = tiny_config(backbone_kwargs={"no_such_arg": 1})
     with pytest.raises(
         ValueError, match=r"`backbone_kwargs` key 'no_such_arg' is not an argument of timm's 'test_resnet'"
     ):
@@ -257,19 +254,19 @@ def test_unknown_backbone_kwargs_name_the_key_and_the_backbone():
 
 
 @pytest.mark.parametrize("content", [b"hello world\n", b"\x80\x02not really a pickle", b""])
-def test_a_weights_file_that_is_not_a_checkpoint_is_named(tmp_path, content):
+def test_a_weights_file_that_is_not_a_checkpoint_is_named(tiny_config, tmp_path, content):
     weights = tmp_path / "weights.pth"
     weights.write_bytes(content)
     overlay = {"pretrained_cfg_overlay": {"file": str(weights)}}
-    config = ProtoPoolConfig(**TINY, input_size=[3, 64, 64], backbone_pretrained=True, backbone_kwargs=overlay)
+    config = tiny_config(input_size=[3, 64, 64], backbone_pretrained=True, backbone_kwargs=overlay)
     with pytest.raises(ValueError, match=r"weights file '.*weights\.pth' for backbone 'test_resnet'") as error:
         ProtoPoolForImageClassification(config)
     assert "weights_only=False" not in str(error.value) and "\n" not in str(error.value)
 
 
-def test_a_missing_weights_file_is_named(tmp_path):
+def test_a_missing_weights_file_is_named(tiny_config, tmp_path):
     overlay = {"pretrained_cfg_overlay": {"file": str(tmp_path / "nope.safetensors")}}
-    config = ProtoPoolConfig(**TINY, input_size=[3, 64, 64], backbone_pretrained=True, backbone_kwargs=overlay)
+    config = tiny_config(input_size=[3, 64, 64], backbone_pretrained=True, backbone_kwargs=overlay)
     with pytest.raises(FileNotFoundError, match=r"'.*nope\.safetensors' for backbone 'test_resnet' does not exist"):
         ProtoPoolForImageClassification(config)
 
@@ -278,14 +275,14 @@ def test_a_missing_weights_file_is_named(tmp_path):
 
 
 def test_resuming_with_a_changed_num_prototypes_names_the_field(tmp_path):
-    model = tiny_model()
+    model = fashion_model()
     train, _, plain = fashion_mnist(model.config, 16)
     train_protopool(model, train, None, plain, _recipe(tmp_path / "run"))
-    changed = tiny_model(num_prototypes=24)
+    changed = fashion_model(num_prototypes=24)
     with pytest.raises(ValueError, match=r"the model's num_prototypes=24 differs from the run's num_prototypes=20"):
         train_protopool(changed, train, None, plain, _recipe(tmp_path / "run"), resume_from_checkpoint=True)
     names = json.loads((tmp_path / "run" / "config.json").read_text())["id2label"]
-    renamed = tiny_model(id2label={**{int(i): name for i, name in names.items()}, 3: "Gown"})
+    renamed = fashion_model(id2label={**{int(i): name for i, name in names.items()}, 3: "Gown"})
     unnamed = datasets.Dataset.from_list([{"pixel_values": 0, "label": 0}])  # no class names to compare
     with pytest.raises(
         ValueError, match=r"the model's id2label=\{3: 'Gown', \.\.\.\} differs .*\{3: 'LABEL_3', \.\.\.\}"
@@ -312,7 +309,7 @@ def test_a_limit_keeps_the_first_images_and_every_class_name(tmp_path):
 
 
 def test_test_metrics_carry_the_run_s_final_epoch(tmp_path):
-    model = tiny_model()
+    model = fashion_model()
     train, _, plain = fashion_mnist(model.config, 16)
     recipe = _recipe(tmp_path / "run", finetune_epochs=1)
     result = train_protopool(model, train, None, plain, recipe, test_dataset=plain)
@@ -327,7 +324,7 @@ def test_test_metrics_carry_the_run_s_final_epoch(tmp_path):
 def test_demo_card_records_the_recipe_and_the_test_split(tmp_path):
     import demo
 
-    model = tiny_model()
+    model = fashion_model()
     raw = load_fashion_mnist(FASHION_MNIST, limit=16)
     project_prototypes(model, fashion_mnist(model.config, 16)[2], batch_size=16)
     recipe = _recipe(tmp_path / "run", warmup_epochs=3)
@@ -335,3 +332,73 @@ def test_demo_card_records_the_recipe_and_the_test_split(tmp_path):
     assert "not recorded" not in card
     assert "| `warmup_epochs` | 3 |" in card
     assert "| test | accuracy | 0.75 |" in card
+
+
+# --------------------------------------------------------------------------- class names and empty folders
+
+
+def _named(names: list[str], labels: list[int]) -> datasets.Dataset:
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    raw = datasets.Dataset.from_dict(
+        {"image": [PIL.Image.new("RGB", (8, 8))] * len(labels), "label": labels}, features
+    )
+    return from_hf_dataset(raw)
+
+
+def test_train_protopool_refuses_class_names_that_disagree_with_id2label(tmp_path):
+    model = fashion_model(
+        num_labels=3, num_prototypes=6, num_slots_per_class=2, id2label={0: "cat", 1: "dog", 2: "eel"}
+    )
+    recipe = ProtoPoolRecipe(output_dir=str(tmp_path / "run"), use_cpu=True)
+    good, swapped = _named(["cat", "dog", "eel"], [0, 1, 2]), _named(["dog", "cat", "eel"], [0, 1, 2])
+    fix = r"Build the config from the dataset \(id2label=dict\(enumerate\(dataset\.features\['label'\]\.names\)\)\)"
+    with pytest.raises(
+        ValueError, match=r"`train_dataset` calls class 0 'dog' but the model's id2label\[0\] is 'cat'"
+    ):
+        train_protopool(model, swapped, None, good, recipe)
+    with pytest.raises(ValueError, match=r"`projection_dataset` calls class 0 'dog'.*" + fix):
+        train_protopool(model, good, None, swapped, recipe)
+    with pytest.raises(ValueError, match=r"`eval_dataset` has 4 classes but the model has num_labels=3"):
+        train_protopool(model, good, _named(["cat", "dog", "eel", "fox"], [3]), good, recipe)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+    # Placeholder names on either side (the config's LABEL_i, "0", "1", ... of integer labels) are not compared.
+    unnamed = fashion_config(num_labels=3, num_prototypes=6, num_slots_per_class=2)
+    _check_class_names(unnamed, swapped, "train_dataset")
+    integers = from_hf_dataset(datasets.Dataset.from_dict({"image": ["a.jpg", "b.jpg"], "label": [0, 1]}))
+    assert integers.features["label"].names == ["0", "1"]
+    _check_class_names(model.config, integers, "train_dataset")  # labels 0 and 1 of the model's three classes
+    _check_class_names(model.config, [{"pixel_values": None, "labels": 0}], "train_dataset")  # no names: no check
+
+
+def test_cli_project_names_the_first_class_that_differs(tiny_model, tmp_path, capsys):
+    model = tiny_model(num_labels=2, id2label={0: "ant", 1: "bee"})
+    model.save_pretrained(tmp_path / "model")
+    for name in ("ant", "wasp"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        PIL.Image.new("RGB", (8, 8)).save(tmp_path / "data" / name / "0.png")
+    argv = ["project", str(tmp_path / "model"), "--dataset", "folder", "--data-root", str(tmp_path / "data")]
+    assert cli_main([*argv, "--output-dir", str(tmp_path / "out")]) == 2
+    assert "first at class 1: 'wasp' in the dataset, 'bee' in the model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("loader", "error", "match"),
+    [
+        (load_image_folder, ValueError, r"holds no class folders\. Expected .*/<class name>/<image files>"),
+        (load_cub200, FileNotFoundError, r"images\.txt not found\. Expected layout: the official CUB_200_2011"),
+        (load_stanford_cars, FileNotFoundError, r"No Stanford Cars data found in .*Expected either the devkit"),
+    ],
+)
+def test_an_empty_dataset_folder_says_what_it_expected(tmp_path, loader, error, match):
+    with pytest.raises(error, match=match):
+        loader(tmp_path)
+
+
+def test_a_backbone_whose_last_map_is_1x1_is_refused(tiny_model):
+    # test_resnet downsamples 32x: one position, min distance = mean distance, similarity 0 (issue 12).
+    with pytest.raises(ValueError, match=r"1×1 feature map from 32×32 images.*earlier `feature_stage`"):
+        tiny_model(input_size=[3, 32, 32])
+    model = tiny_model(input_size=[3, 64, 64])  # 2×2 trains
+    model.train()(torch.randn(2, 3, 64, 64), labels=torch.tensor([0, 1])).loss.backward()

@@ -26,7 +26,7 @@ from protopool_hf.transforms import collate_fn, make_transforms
 
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from protopool_tiny import fashion_mnist, tiny_config, tiny_model, trainer_args
+from protopool_tiny import fashion_config, fashion_mnist, fashion_model, trainer_args
 
 
 class Recorder(TrainerCallback):
@@ -63,7 +63,7 @@ def test_gumbel_scale_at_official_values():
 
 
 def test_gumbel_callback_hooks_read_only_the_state():
-    model = tiny_model(gumbel_scale_epochs=30)
+    model = fashion_model(gumbel_scale_epochs=30)
     args, control = TrainingArguments("unused", use_cpu=True, report_to="none"), TrainerControl()
     per_epoch, per_step = GumbelScheduleCallback(), GumbelScheduleCallback(per_step=True)
 
@@ -96,7 +96,7 @@ def test_gumbel_callback_hooks_read_only_the_state():
 
 @pytest.mark.parametrize("per_step", [False, True], ids=["per_epoch", "per_step"])
 def test_gumbel_schedule_and_augmentation_epoch_survive_a_resume(tmp_path: Path, per_step: bool):
-    config = tiny_config()
+    config = fashion_config()
     train, _, _ = fashion_mnist(config, n_train=16)
     transform = train._format_kwargs["transform"]
 
@@ -104,7 +104,7 @@ def test_gumbel_schedule_and_augmentation_epoch_survive_a_resume(tmp_path: Path,
         recorder = Recorder(transform)
         args = trainer_args(output_dir, num_train_epochs=3, save_strategy="steps", save_steps=3)
         trainer = ProtoPoolTrainer(
-            model=tiny_model(seed=seed),
+            model=fashion_model(seed=seed),
             args=args,
             train_dataset=train,
             data_collator=collate_fn,
@@ -133,11 +133,11 @@ def test_gumbel_schedule_and_augmentation_epoch_survive_a_resume(tmp_path: Path,
 
 
 def test_trainer_warns_once_when_the_scale_never_moves(tmp_path: Path):
-    config = tiny_config()
+    config = fashion_config()
     train, _, _ = fashion_mnist(config, n_train=8)
 
     def train_with(callbacks, harden=False):
-        model = tiny_model()
+        model = fashion_model()
         if harden:
             model.harden_assignment()
         args = trainer_args(tmp_path, max_steps=2)
@@ -160,7 +160,7 @@ def test_trainer_warns_once_when_the_scale_never_moves(tmp_path: Path):
 
 
 def test_warmup_callback_refuses_a_trainable_backbone():
-    model = tiny_model()
+    model = fashion_model()
     args, state, control = (
         TrainingArguments("unused", use_cpu=True, report_to="none"),
         TrainerState(),
@@ -180,7 +180,7 @@ def test_warmup_callback_refuses_a_trainable_backbone():
 
 def test_frozen_backbone_guard_names_the_phase_it_guards():
     """Fine-tuning has its own guard; `WarmupCallback` is the warm-up's."""
-    model = tiny_model()
+    model = fashion_model()
     args, state, control = (
         TrainingArguments("unused", use_cpu=True, report_to="none"),
         TrainerState(),
@@ -201,9 +201,9 @@ def test_frozen_backbone_guard_names_the_phase_it_guards():
 
 
 def test_warmup_callback_freezes_batchnorm_statistics(tmp_path: Path):
-    config = tiny_config()
+    config = fashion_config()
     train, _, _ = fashion_mnist(config, n_train=16)
-    model = tiny_model()
+    model = fashion_model()
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     head_before = model.head.prototypes.detach().clone()
     callback = WarmupCallback(freeze_batchnorm=True)
@@ -232,9 +232,9 @@ def test_warmup_callback_freezes_batchnorm_statistics(tmp_path: Path):
 
 
 def test_projection_callback_projects_at_chosen_epochs_and_hardens_at_the_end(tmp_path: Path):
-    config = tiny_config()
+    config = fashion_config()
     train, _, plain = fashion_mnist(config, n_train=24)
-    model = tiny_model()
+    model = fashion_model()
     recorder = Recorder()
     callback = ProjectionCallback(plain, at_epochs=[1], batch_size=16)
     trainer = ProtoPoolTrainer(
@@ -276,7 +276,7 @@ def test_projection_callback_checks_its_arguments():
 
 
 def test_set_epoch_callback_accepts_transforms_and_transformed_datasets():
-    config = tiny_config()
+    config = fashion_config()
     transform = make_transforms(config, train=True)
     train, _, _ = fashion_mnist(config, n_train=4)
     dataset_transform = train._format_kwargs["transform"]

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from card_fixtures import DATASET, GALLERY, METRICS, PICTURES, REPO, REPORT, TRAINING, tiny_model
+from card_fixtures import DATASET, GALLERY, METRICS, PICTURES, REPO, REPORT, TRAINING, card_model
 from huggingface_hub import EvalResult, ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
@@ -29,7 +29,7 @@ GOLDEN = Path(__file__).parent / "data" / "model_card_golden.md"
 
 def golden_card() -> ModelCard:
     return render_model_card(
-        tiny_model(),
+        card_model(),
         repo_id=REPO,
         card_data=ProtoPoolModelCardData(license="apache-2.0", tags=["birds"]),
         metrics=METRICS,
@@ -84,12 +84,12 @@ def test_card_body_shows_the_model():
 
 def test_card_without_pictures_or_projection_says_so(caplog):
     with caplog.at_level(logging.WARNING, logger="protopool_hf.card"):
-        card = render_model_card(tiny_model(projected=False), metrics={"accuracy": 0.9})
+        card = render_model_card(card_model(projected=False), metrics={"accuracy": 0.9})
     assert "have not been projected" in card.text
     assert "your-namespace/protopool-test-resnet" in card.text  # no repo yet: a placeholder
     assert "model-index" not in card.data.to_dict() and "| — | accuracy | 0.9 |" in card.text
     assert "dataset_name=" in caplog.text  # the metrics need a dataset to be published as eval results
-    card = render_model_card(tiny_model())
+    card = render_model_card(card_model())
     assert "5 of the 6 prototypes were projected" in card.text and "pictures were not rendered" in card.text
     assert "](prototypes/" not in card.text
 
@@ -97,7 +97,7 @@ def test_card_without_pictures_or_projection_says_so(caplog):
 def test_eval_results_given_as_card_data_fill_the_evaluation_section():
     result = EvalResult("image-classification", DATASET, DATASET, "top5_accuracy", 0.97, dataset_split="test")
     data = ProtoPoolModelCardData(model_name="mine", eval_results=[result], license="mit")
-    card = render_model_card(tiny_model(), card_data=data)
+    card = render_model_card(card_model(), card_data=data)
     assert "| test | top5_accuracy | 0.97 |" in card.text and card.data.eval_results == [result]
     assert card.data.model_name == "mine" and card.data.license == "mit"
 
@@ -118,7 +118,7 @@ def test_base_model_is_the_backbones_timm_repo_only_when_pretrained_from_timm():
 
 
 def test_updating_a_card_keeps_the_users_text_and_metadata():
-    first = render_model_card(tiny_model(), repo_id=REPO, metrics={"eval_accuracy": 0.5}, dataset_name=DATASET)
+    first = render_model_card(card_model(), repo_id=REPO, metrics={"eval_accuracy": 0.5}, dataset_name=DATASET)
     user_note = "## My notes\n\nCollected   by hand.\n\n```\nkeep   spacing\n\n\n```"
     edited = ModelCard(first.content)
     edited.data.license, edited.data.tags, edited.data["my_key"] = "mit", ["birds"], 1
@@ -128,7 +128,7 @@ def test_updating_a_card_keeps_the_users_text_and_metadata():
     edited = ModelCard(str(edited))
     assert edited.data.license == "mit"
     updated = render_model_card(
-        tiny_model(), repo_id=REPO, metrics={"eval_accuracy": 0.9}, dataset_name=DATASET, existing_card=edited
+        card_model(), repo_id=REPO, metrics={"eval_accuracy": 0.9}, dataset_name=DATASET, existing_card=edited
     )
     text = updated.text
     assert text.startswith("\n# My title\n\nIntro.\n\n<!-- protopool-hf:begin header -->")
@@ -139,16 +139,16 @@ def test_updating_a_card_keeps_the_users_text_and_metadata():
     assert updated.data.tags == ["birds", "protopool", "prototype-network", "interpretability", "timm"]
     assert [r.metric_value for r in updated.data.eval_results] == [0.9]
     # nothing new for the training and evaluation sections: they keep their content, and the model-index stays
-    again = render_model_card(tiny_model(), repo_id=REPO, existing_card=updated)
+    again = render_model_card(card_model(), repo_id=REPO, existing_card=updated)
     assert "| validation | accuracy | 0.9 |" in again.text and [r.metric_value for r in again.data.eval_results] == [
         0.9
     ]
-    assert again.content == render_model_card(tiny_model(), repo_id=REPO, existing_card=again).content
+    assert again.content == render_model_card(card_model(), repo_id=REPO, existing_card=again).content
 
 
 def test_a_card_without_our_sections_is_kept_below_ours_unless_transformers_generated_it():
     mine = ModelCard("---\nlicense: mit\n---\n\n# Birds\n\nMy own words.\n")
-    merged = render_model_card(tiny_model(), existing_card=mine)
+    merged = render_model_card(card_model(), existing_card=mine)
     assert merged.text.rstrip().endswith("# Birds\n\nMy own words.") and merged.data.license == "mit"
     assert merged.text.index("<!-- protopool-hf:end citation -->") < merged.text.index("# Birds")
     generated = ModelCard(
@@ -156,20 +156,20 @@ def test_a_card_without_our_sections_is_kept_below_ours_unless_transformers_gene
         "generated automatically according to the information the Trainer had access to. You should probably "
         "proofread and complete it, then remove this comment. -->\n\n# out\n\nMore information needed\n"
     )
-    replaced = render_model_card(tiny_model(), existing_card=generated)
+    replaced = render_model_card(card_model(), existing_card=generated)
     assert "More information needed" not in replaced.text and replaced.data.library_name == "protopool-hf"
     assert "generated_from_trainer" in replaced.data.tags
 
 
 def test_our_sections_missing_from_an_old_card_are_inserted_in_template_order():
-    text = render_model_card(tiny_model()).text
+    text = render_model_card(card_model()).text
     blocks = {name: block for name, block in card_module._split_blocks(text) if name}
     old_text = "".join(  # an old card without the header and model sections, with the user's text after classes
         [blocks[name] + "\n\n" for name in ("about", "usage", "prototypes", "classes")]
         + ["## Mine\n\n"]
         + [blocks[name] + "\n\n" for name in ("training", "evaluation", "limitations", "citation")]
     )
-    merged = render_model_card(tiny_model(), existing_card=ModelCard(f"---\nlicense: mit\n---\n{old_text}"))
+    merged = render_model_card(card_model(), existing_card=ModelCard(f"---\nlicense: mit\n---\n{old_text}"))
     names = [line.split()[2] for line in merged.text.splitlines() if line.startswith("<!-- protopool-hf:begin")]
     assert names == [name for name in card_module.SECTIONS if name != "interpretability"]  # only with a report
     order = [merged.text.index(heading) for heading in ("# protopool", "## Classes", "## Model details", "## Mine")]
@@ -196,17 +196,17 @@ NOTES = "## Fairness\n\n| Metric | Value |\n|---|---|\n| parity gap | 0.8 |"
 
 
 def test_extra_sections_go_after_the_evaluation_and_stay_until_replaced():
-    text = render_model_card(tiny_model(), extra_sections={"fairness": NOTES}).text
+    text = render_model_card(card_model(), extra_sections={"fairness": NOTES}).text
     block = f"<!-- protopool-hf:begin fairness -->\n{NOTES}\n<!-- protopool-hf:end fairness -->"
     assert f"<!-- protopool-hf:end evaluation -->\n\n{block}\n\n<!-- protopool-hf:begin limitations -->" in text
-    assert "<!-- protopool-hf:begin fairness -->" not in render_model_card(tiny_model()).text
+    assert "<!-- protopool-hf:begin fairness -->" not in render_model_card(card_model()).text
 
-    kept = render_model_card(tiny_model(), existing_card=ModelCard(text))  # None: the card's own extra sections stay
+    kept = render_model_card(card_model(), existing_card=ModelCard(text))  # None: the card's own extra sections stay
     assert block in kept.text and kept.text == text
     newer = NOTES.replace("0.8", "0.9")
-    replaced = render_model_card(tiny_model(), existing_card=kept, extra_sections={"fairness": newer})
+    replaced = render_model_card(card_model(), existing_card=kept, extra_sections={"fairness": newer})
     assert newer in replaced.text and NOTES not in replaced.text
-    dropped = render_model_card(tiny_model(), existing_card=kept, extra_sections={})
+    dropped = render_model_card(card_model(), existing_card=kept, extra_sections={})
     assert "Fairness" not in dropped.text.split("## Limitations")[0]
 
 
@@ -222,12 +222,12 @@ def test_extra_sections_go_after_the_evaluation_and_stay_until_replaced():
 )
 def test_bad_extra_sections_are_refused(sections, match):
     with pytest.raises(ValueError, match=match):
-        render_model_card(tiny_model(), extra_sections=sections)
+        render_model_card(card_model(), extra_sections=sections)
 
 
 def test_only_the_crops_named_as_pictures_writes_them_are_linked():
     names = ["prototypes/prototype_003.png", "prototypes/prototype_003_overlay.png", "prototypes/prototype_5.png"]
-    text = render_model_card(tiny_model(), prototype_files=[*names, "prototypes/gallery.png"]).text
+    text = render_model_card(card_model(), prototype_files=[*names, "prototypes/gallery.png"]).text
     assert "[3](prototypes/prototype_003.png)" in text and "[5](" not in text and "overlay.png)" not in text
 
 
@@ -240,7 +240,7 @@ def report_results(card: ModelCard) -> dict[str, EvalResult]:
 
 def test_a_report_adds_its_section_after_the_evaluation_and_its_numbers_to_the_model_index():
     card = render_model_card(
-        tiny_model(), repo_id=REPO, metrics=METRICS, dataset_name=DATASET, interpretability=REPORT
+        card_model(), repo_id=REPO, metrics=METRICS, dataset_name=DATASET, interpretability=REPORT
     )
     text = card.text
     section = text[text.index("<!-- protopool-hf:begin interpretability -->") :]
@@ -267,8 +267,8 @@ def test_a_report_adds_its_section_after_the_evaluation_and_its_numbers_to_the_m
 
 
 def test_the_card_without_a_report_is_unchanged_by_the_template_block():
-    with_report = render_model_card(tiny_model(), repo_id=REPO, interpretability=REPORT).text
-    without = render_model_card(tiny_model(), repo_id=REPO).text
+    with_report = render_model_card(card_model(), repo_id=REPO, interpretability=REPORT).text
+    without = render_model_card(card_model(), repo_id=REPO).text
     start = with_report.index("<!-- protopool-hf:begin interpretability -->")
     end = with_report.index("<!-- protopool-hf:end interpretability -->") + len(
         "<!-- protopool-hf:end interpretability -->"
@@ -277,22 +277,22 @@ def test_the_card_without_a_report_is_unchanged_by_the_template_block():
 
 
 def test_an_update_replaces_the_report_keeps_the_evaluation_and_drops_a_report_not_given():
-    first = render_model_card(tiny_model(), metrics=METRICS, dataset_name=DATASET, interpretability=REPORT)
+    first = render_model_card(card_model(), metrics=METRICS, dataset_name=DATASET, interpretability=REPORT)
     newer = {**REPORT, "prototypes_used_share": 0.5}
-    updated = render_model_card(tiny_model(), existing_card=ModelCard(first.content), interpretability=newer)
+    updated = render_model_card(card_model(), existing_card=ModelCard(first.content), interpretability=newer)
     assert "| prototypes used | 0.5 |" in updated.text and "| prototypes used | 0.833 |" not in updated.text
     parsed = ModelCard(updated.content)
     assert report_results(parsed)["interpretability/prototypes_used_share"].metric_value == 0.5
     assert [r.metric_value for r in parsed.data.eval_results if r.metric_type == "accuracy"] == [0.75, 0.5]
     assert parsed.data.metrics == ["accuracy"] and "| validation | accuracy | 0.75 |" in parsed.text
 
-    dropped = ModelCard(render_model_card(tiny_model(), existing_card=parsed).content)
+    dropped = ModelCard(render_model_card(card_model(), existing_card=parsed).content)
     assert "## Interpretability" not in dropped.text and report_results(dropped) == {}
     assert [r.metric_value for r in dropped.data.eval_results if r.metric_type == "accuracy"] == [0.75, 0.5]
 
 
 def test_a_report_without_a_dataset_name_stays_in_the_body(caplog):
     with caplog.at_level(logging.WARNING, logger="protopool_hf.card"):
-        card = render_model_card(tiny_model(), interpretability=REPORT)
+        card = render_model_card(card_model(), interpretability=REPORT)
     assert "## Interpretability" in card.text and not card.data.eval_results
     assert "pass dataset_name= (a Hub dataset id) to publish its numbers" in caplog.text

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from protopool_tiny import TINY
 
 import protopool_hf
 from protopool_hf.cli import build_parser, main
@@ -15,7 +16,6 @@ from protopool_hf.cli_messages import CLI_WORDING, MASK_RULE_NAMES, cli_log_word
 
 
 FASHION_MNIST = Path(__file__).parent / "data" / "fashion-mnist"
-TINY = {"backbone": "test_resnet", "num_labels": 3, "num_prototypes": 6, "num_slots_per_class": 2, "prototype_dim": 8}
 
 
 def _run_python(code: str) -> str:
@@ -25,14 +25,11 @@ def _run_python(code: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def model_folder(tmp_path_factory) -> Path:
+def model_folder(tmp_path_factory, tiny_model) -> Path:
     import torch
 
-    from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
-
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("cli") / "model"
-    model = ProtoPoolForImageClassification(ProtoPoolConfig(**TINY, input_size=[3, 64, 64]))
+    model = tiny_model(input_size=[3, 64, 64])
     with torch.no_grad():  # off-class connections too, as after fine-tuning: every slot weighs on every class
         model.head.last_layer.weight.uniform_(0.1, 1.0)
     model.save_pretrained(folder)

@@ -6,11 +6,8 @@ from protopool_hf import ProtoPoolConfig
 from protopool_hf.configuration_protopool import PRESETS
 
 
-TINY = {"backbone": "test_resnet", "num_labels": 3, "num_prototypes": 6, "num_slots_per_class": 2, "prototype_dim": 8}
-
-
-def test_defaults_follow_the_official_code():
-    config = ProtoPoolConfig(**TINY)
+def test_defaults_follow_the_official_code(tiny_config):
+    config = tiny_config()
     assert config.similarity_epsilon == 1e-4
     assert config.gumbel_tau == 0.5
     assert (config.gumbel_scale_max, config.gumbel_scale_epochs) == (1000.0, 30)
@@ -33,8 +30,8 @@ def test_presets_give_the_paper_settings():
         ProtoPoolConfig.from_preset("cub")
 
 
-def test_round_trip_through_json(tmp_path):
-    config = ProtoPoolConfig(**TINY, id2label={0: "cat", 1: "dog", 2: "eel"}, feature_stage=2)
+def test_round_trip_through_json(tiny_config, tmp_path):
+    config = tiny_config(id2label={0: "cat", 1: "dog", 2: "eel"}, feature_stage=2)
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["protopool_version"] == config.protopool_version
@@ -43,11 +40,11 @@ def test_round_trip_through_json(tmp_path):
     assert loaded.id2label == {0: "cat", 1: "dog", 2: "eel"}
 
 
-def test_data_config_is_taken_from_timm_when_unset():
-    data = ProtoPoolConfig(**TINY).data_config()
+def test_data_config_is_taken_from_timm_when_unset(tiny_config):
+    data = tiny_config().data_config()
     assert data["input_size"] == (3, 160, 160)
     assert data["mean"] == (0.5, 0.5, 0.5)
-    data = ProtoPoolConfig(**TINY, input_size=[3, 64, 64], crop_pct=1.0, interpolation="bicubic").data_config()
+    data = tiny_config(input_size=[3, 64, 64], crop_pct=1.0, interpolation="bicubic").data_config()
     assert (data["input_size"], data["crop_pct"], data["interpolation"]) == ((3, 64, 64), 1.0, "bicubic")
 
 
@@ -76,20 +73,39 @@ def test_data_config_is_taken_from_timm_when_unset():
         ("last_layer_correct_connection", 0.0, r"`last_layer_correct_connection` \(0.0\) must be larger than"),
     ],
 )
-def test_bad_values_name_the_field_and_the_range(field, value, match):
+def test_bad_values_name_the_field_and_the_range(tiny_config, field, value, match):
     with pytest.raises(ValueError, match=match):
-        ProtoPoolConfig(**{**TINY, field: value})
+        tiny_config(**{field: value})
 
 
-def test_label_maps_must_use_class_indices():
+def test_label_maps_must_use_class_indices(tiny_config):
     with pytest.raises(ValueError, match="`id2label` keys must be class indices"):
-        ProtoPoolConfig(**{**TINY, "id2label": {"cat": "cat"}})
+        tiny_config(id2label={"cat": "cat"})
 
 
-def test_unknown_backbone_suggests_close_timm_names():
+def test_unknown_backbone_suggests_close_timm_names(tiny_config):
     with pytest.raises(ValueError, match=r"`backbone`='resnet05' is not a timm model.*Did you mean.*resnet50"):
-        ProtoPoolConfig(**{**TINY, "backbone": "resnet05"})
+        tiny_config(backbone="resnet05")
 
 
-def test_pretrained_tag_is_accepted():
-    assert ProtoPoolConfig(**{**TINY, "backbone": "resnet50.tv_in1k"}).backbone == "resnet50.tv_in1k"
+def test_pretrained_tag_is_accepted(tiny_config):
+    assert tiny_config(backbone="resnet50.tv_in1k").backbone == "resnet50.tv_in1k"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("input_size", 224, r"`input_size` must be a list of numbers or None, got 224"),
+        ("image_mean", 0.5, r"`image_mean` must be a list of numbers or None, got 0\.5"),
+        ("image_mean", [float("nan")] * 3, r"`image_mean` must be three finite numbers"),
+        ("backbone_kwargs", ["drop_path_rate", 0.1], r"`backbone_kwargs` must be a dict"),
+        ("num_labels", "10", r"`num_labels` must be a positive int \(>= 1\), got '10'"),
+        ("num_labels", -1, r"`num_labels` must be a positive int \(>= 1\), got -1"),
+        ("id2label", ["cat", "dog"], r"`id2label` must be a dict"),
+        ("num_prototypes", 1, r"`num_prototypes` \(1\) must be larger than `num_slots_per_class` \(2\).*Raise"),
+        ("backbone", "RESNET50", r"'RESNET50' is not a timm model.*Did you mean one of \['resnet50'"),
+    ],
+)
+def test_wrong_types_and_sizes_name_the_field(tiny_config, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**{field: value})

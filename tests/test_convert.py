@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -43,16 +44,15 @@ def official():
 
 
 @pytest.fixture
-def tiny_config():
-    return ProtoPoolConfig(
-        backbone="test_resnet", num_labels=3, num_prototypes=7, num_slots_per_class=2, prototype_dim=8
-    )
+def source_config(tiny_config):
+    """The tiny config with 7 prototypes."""
+    return tiny_config(num_prototypes=7)
 
 
 @pytest.fixture
-def tiny_model(tiny_config):
-    torch.manual_seed(0)
-    model = ProtoPoolForImageClassification(tiny_config)
+def source_model(tiny_model):
+    """The tiny model with 7 prototypes and a random head."""
+    model = tiny_model(0, num_prototypes=7)
     with torch.no_grad():  # move the head off its structured init so the round trip is a real check
         model.head.last_layer.weight.normal_()
         model.head.slot_logits.normal_()
@@ -110,8 +110,8 @@ def test_parity_with_official_code(official):
 
 # ---------------------------------------------------------------------------------------------------- round trips
 @pytest.mark.parametrize("wrap", ["bare", "model_state_dict", "module_prefix", "without_ones_and_alfa"])
-def test_round_trip_official_layout(tiny_model, tiny_config, wrap):
-    state = to_original_state_dict(tiny_model)
+def test_round_trip_official_layout(source_model, source_config, wrap):
+    state = to_original_state_dict(source_model)
     assert "alfa" in state
     assert "ones" in state
     assert state["prototype_vectors"].shape == (7, 8, 1, 1)
@@ -121,10 +121,10 @@ def test_round_trip_official_layout(tiny_model, tiny_config, wrap):
         state = {"module." + key: value for key, value in state.items()}
     elif wrap == "without_ones_and_alfa":
         del state["ones"], state["alfa"]
-    converted = convert_original_checkpoint(state, tiny_config)
+    converted = convert_original_checkpoint(state, source_config)
 
     assert converted.gumbel_scale == 1e4
-    ours, theirs = tiny_model.state_dict(), converted.state_dict()
+    ours, theirs = source_model.state_dict(), converted.state_dict()
     assert ours.keys() == theirs.keys()
     for key in ours:
         if key == "head.gumbel_scale":
@@ -132,19 +132,19 @@ def test_round_trip_official_layout(tiny_model, tiny_config, wrap):
         torch.testing.assert_close(theirs[key], ours[key], rtol=0, atol=0, equal_nan=True, msg=key)
     # and back again
     again = to_original_state_dict(converted)
-    for key, value in to_original_state_dict(tiny_model).items():
+    for key, value in to_original_state_dict(source_model).items():
         torch.testing.assert_close(again[key], value, rtol=0, atol=0, msg=key)
 
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    converted.set_gumbel_scale(tiny_model.gumbel_scale)
+    converted.set_gumbel_scale(source_model.gumbel_scale)
     with torch.no_grad():
-        torch.testing.assert_close(converted(x).logits, tiny_model(x).logits, rtol=0, atol=0)
+        torch.testing.assert_close(converted(x).logits, source_model(x).logits, rtol=0, atol=0)
 
 
-def test_convert_from_file_then_save_and_reload(tiny_model, tiny_config, tmp_path):
+def test_convert_from_file_then_save_and_reload(source_model, source_config, tmp_path):
     path = tmp_path / "best_model_push.pth"
-    torch.save({"model_state_dict": to_original_state_dict(tiny_model), "epoch": 5}, path)
-    converted = convert_original_checkpoint(path, tiny_config)
+    torch.save({"model_state_dict": to_original_state_dict(source_model), "epoch": 5}, path)
+    converted = convert_original_checkpoint(path, source_config)
     assert converted.gumbel_scale == 1e4
 
     converted.save_pretrained(tmp_path / "converted")
@@ -156,20 +156,20 @@ def test_convert_from_file_then_save_and_reload(tiny_model, tiny_config, tmp_pat
         torch.testing.assert_close(reloaded(x).logits, converted(x).logits, rtol=0, atol=0)
 
 
-def test_original_checkpoint_sizes(tiny_model):
-    sizes = original_checkpoint_sizes(to_original_state_dict(tiny_model))
+def test_original_checkpoint_sizes(source_model):
+    sizes = original_checkpoint_sizes(to_original_state_dict(source_model))
     assert sizes == {
         "num_labels": 3,
         "num_prototypes": 7,
         "num_slots_per_class": 2,
         "prototype_dim": 8,
-        "backbone_channels": tiny_model.head.add_on[0].weight.shape[1],
+        "backbone_channels": source_model.head.add_on[0].weight.shape[1],
     }
 
 
-def test_convert_cli(tiny_model, tmp_path):
+def test_convert_cli(source_model, tmp_path):
     path = tmp_path / "best_model.pth"
-    torch.save({"model_state_dict": to_original_state_dict(tiny_model), "epoch": 1}, path)
+    torch.save({"model_state_dict": to_original_state_dict(source_model), "epoch": 1}, path)
     labels = tmp_path / "classes.txt"
     labels.write_text("heron\nfinch\nwren\n")
     assert (
@@ -180,17 +180,17 @@ def test_convert_cli(tiny_model, tmp_path):
     assert model.config.id2label == {0: "heron", 1: "finch", 2: "wren"}
     assert model.config.data_config()["input_size"] == (3, 224, 224)
     assert model.gumbel_scale == 1e4
-    torch.testing.assert_close(model.head.prototypes, tiny_model.head.prototypes, rtol=0, atol=0)
+    torch.testing.assert_close(model.head.prototypes, source_model.head.prototypes, rtol=0, atol=0)
     # The presets and the converter share one preprocessing: the official code's.
     assert model.config.data_config() == ProtoPoolConfig.from_preset("cub200").data_config()
 
 
-def test_converted_checkpoint_squashes_non_square_images_as_the_official_resize(tiny_model, tmp_path):
+def test_converted_checkpoint_squashes_non_square_images_as_the_official_resize(source_model, tmp_path):
     from PIL import Image
     from transformers import AutoImageProcessor
 
     path = tmp_path / "best_model.pth"
-    torch.save({"model_state_dict": to_original_state_dict(tiny_model), "epoch": 1}, path)
+    torch.save({"model_state_dict": to_original_state_dict(source_model), "epoch": 1}, path)
     assert cli_main(["convert", str(path), str(tmp_path / "out"), "--backbone", "test_resnet"]) == 0
     # Three vertical bands, red | green | blue, on a 3:1 landscape photo: a centre crop would keep only green.
     bands = torch.zeros(3, 100, 300, dtype=torch.uint8)
@@ -206,70 +206,70 @@ def test_converted_checkpoint_squashes_non_square_images_as_the_official_resize(
 
 
 # ---------------------------------------------------------------------------------------------------- bad inputs
-def test_missing_keys_are_listed(tiny_model, tiny_config):
-    state = to_original_state_dict(tiny_model)
+def test_missing_keys_are_listed(source_model, source_config):
+    state = to_original_state_dict(source_model)
     del state["prototype_vectors"], state["last_layer.weight"]
     with pytest.raises(ValueError, match=r"missing keys \['prototype_vectors', 'last_layer.weight'\]"):
-        convert_original_checkpoint(state, tiny_config)
+        convert_original_checkpoint(state, source_config)
 
 
-def test_missing_backbone_keys_are_listed(tiny_model, tiny_config):
-    state = to_original_state_dict(tiny_model)
+def test_missing_backbone_keys_are_listed(source_model, source_config):
+    state = to_original_state_dict(source_model)
     del state["features.layer1.0.conv1.weight"]
     with pytest.raises(ValueError, match=r"1 keys missing from the checkpoint \['layer1.0.conv1.weight'\]"):
-        convert_original_checkpoint(state, tiny_config)
+        convert_original_checkpoint(state, source_config)
 
 
-def test_wrong_backbone_is_reported(tiny_model, tiny_config):
-    config = ProtoPoolConfig(**{**tiny_config.to_dict(), "backbone": "test_convnext"})
+def test_wrong_backbone_is_reported(source_model, source_config):
+    config = ProtoPoolConfig(**{**source_config.to_dict(), "backbone": "test_convnext"})
     with pytest.raises(ValueError, match=r"does not fit config.backbone='test_convnext'.*Set config.backbone"):
-        convert_original_checkpoint(to_original_state_dict(tiny_model), config)
+        convert_original_checkpoint(to_original_state_dict(source_model), config)
 
 
-def test_config_size_mismatch_names_field_and_value(tiny_model, tiny_config):
-    config = ProtoPoolConfig(**{**tiny_config.to_dict(), "num_prototypes": 9, "prototype_dim": 4})
+def test_config_size_mismatch_names_field_and_value(source_model, source_config):
+    config = ProtoPoolConfig(**{**source_config.to_dict(), "num_prototypes": 9, "prototype_dim": 4})
     with pytest.raises(ValueError, match=r"config.num_prototypes=9 but .* P=7.*prototype_dim=4 .* D=8") as info:
-        convert_original_checkpoint(to_original_state_dict(tiny_model), config)
+        convert_original_checkpoint(to_original_state_dict(source_model), config)
     assert "num_prototypes=7" in str(info.value)
     assert "prototype_dim=8" in str(info.value)
 
 
-def test_backbone_shape_mismatch_names_tensor_and_shapes(tiny_model, tiny_config):
-    state = to_original_state_dict(tiny_model)
+def test_backbone_shape_mismatch_names_tensor_and_shapes(source_model, source_config):
+    state = to_original_state_dict(source_model)
     key = "features.layer1.0.conv1.weight"
     state[key] = torch.zeros(*state[key].shape[:-1], state[key].shape[-1] + 2)
-    expected = tuple(tiny_model.state_dict()["backbone.layer1.0.conv1.weight"].shape)
+    expected = tuple(source_model.state_dict()["backbone.layer1.0.conv1.weight"].shape)
     with pytest.raises(ValueError, match=r"Shape mismatch for `features\.layer1\.0\.conv1\.weight`") as info:
-        convert_original_checkpoint(state, tiny_config)
+        convert_original_checkpoint(state, source_config)
     assert str(expected) in str(info.value)
     assert "config.backbone" in str(info.value)
 
 
-def test_inconsistent_head_tensors(tiny_model, tiny_config):
-    state = to_original_state_dict(tiny_model)
+def test_inconsistent_head_tensors(source_model, source_config):
+    state = to_original_state_dict(source_model)
     state["last_layer.weight"] = torch.zeros(3, 5)
     with pytest.raises(ValueError, match=r"`last_layer.weight` has shape \(3, 5\).*imply \(3, 6\)"):
-        convert_original_checkpoint(state, tiny_config)
+        convert_original_checkpoint(state, source_config)
 
 
-def test_unexpected_keys_and_non_tensors(tiny_model, tiny_config):
-    state = to_original_state_dict(tiny_model)
+def test_unexpected_keys_and_non_tensors(source_model, source_config):
+    state = to_original_state_dict(source_model)
     with pytest.raises(ValueError, match=r"`ones` tensor is not all ones"):
-        convert_original_checkpoint({**state, "ones": torch.full_like(state["ones"], 2.0)}, tiny_config)
+        convert_original_checkpoint({**state, "ones": torch.full_like(state["ones"], 2.0)}, source_config)
     with pytest.raises(ValueError, match=r"Unexpected keys .*\['prototype_class_identity'\]"):
-        convert_original_checkpoint({**state, "prototype_class_identity": torch.zeros(6, 3)}, tiny_config)
+        convert_original_checkpoint({**state, "prototype_class_identity": torch.zeros(6, 3)}, source_config)
     with pytest.raises(ValueError, match=r"not tensors: \['epoch'\]"):
         load_original_state_dict({**state, "epoch": 3})
     with pytest.raises(FileNotFoundError, match=r"nope\.pth"):
-        convert_original_checkpoint("nope.pth", tiny_config)
+        convert_original_checkpoint("nope.pth", source_config)
 
 
-def test_pickled_payload_is_refused_without_running_it(tiny_model, tiny_config, tmp_path):
+def test_pickled_payload_is_refused_without_running_it(source_model, source_config, tmp_path):
     marker = tmp_path / "pwned.txt"
     path = tmp_path / "evil.pth"
-    torch.save({"model_state_dict": to_original_state_dict(tiny_model), "extra": _FileCreatingPayload(marker)}, path)
+    torch.save({"model_state_dict": to_original_state_dict(source_model), "extra": _FileCreatingPayload(marker)}, path)
     with pytest.raises(ValueError, match=r"Refused to load .*evil\.pth"):
-        convert_original_checkpoint(path, tiny_config)
+        convert_original_checkpoint(path, source_config)
     with pytest.raises(ValueError, match=r"Refused to load .*evil\.pth"):
         load_inaturalist_backbone(path)
     assert not marker.exists()
@@ -328,3 +328,18 @@ def test_inaturalist_weights_load_as_backbone(tmp_path):
     backbone = model.backbone.state_dict()
     for key in ("conv1.weight", "layer4.2.conv1.weight", "layer4.2.bn3.running_mean"):
         torch.testing.assert_close(backbone[key], expected[key].contiguous(), rtol=0, atol=0)
+
+
+def test_a_bad_official_checkpoint_leaves_no_output_folder(tiny_model, tmp_path):
+    model = tiny_model()
+    state = to_original_state_dict(model)
+    del state["proto_presence"]
+    path = tmp_path / "best_model.pth"
+    torch.save({"model_state_dict": state}, path)
+    with pytest.raises(ValueError, match=r"missing keys \['proto_presence'\]"):
+        cli_main(["--debug", "convert", str(path), str(tmp_path / "out"), "--backbone", "test_resnet"])
+    torch.save({"model_state_dict": to_original_state_dict(model)}, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated
+    with pytest.raises(ValueError, match=rf"Could not read '{re.escape(str(path))}' as a PyTorch checkpoint"):
+        cli_main(["--debug", "convert", str(path), str(tmp_path / "out"), "--backbone", "test_resnet"])
+    assert not (tmp_path / "out").exists()

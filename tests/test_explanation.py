@@ -2,7 +2,6 @@
 
 import json
 import math
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -10,50 +9,16 @@ import PIL.Image
 import PIL.ImageDraw
 import pytest
 import torch
+from photo_fixtures import NAMES, PHOTOS, give_provenance, photo_dataset, photo_model
 
-from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
+from protopool_hf import ProtoPoolForImageClassification
 from protopool_hf.explanation import Explanation, explain
 from protopool_hf.gallery import save_prototype_images
 from protopool_hf.maps import model_view, preprocess, prototype_activation
 from protopool_hf.pictures import render_prototypes
 
 
-PHOTOS = sorted((Path(__file__).parent / "data" / "photos").glob("*.jpg"))
-NAMES = ["bull mastiff", "strawberry", "drum", "bald eagle"]
-NUM_SLOTS = 2
-
-
-def photo_dataset() -> datasets.Dataset:
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=NAMES)})
-    return datasets.Dataset.from_dict({"image": [str(p) for p in PHOTOS], "label": [0, 1, 2, 3]}, features=features)
-
-
-def make_model(seed: int = 0) -> ProtoPoolForImageClassification:
-    torch.manual_seed(seed)
-    config = ProtoPoolConfig(
-        backbone="test_resnet",
-        num_labels=4,
-        num_prototypes=8,
-        num_slots_per_class=NUM_SLOTS,
-        prototype_dim=16,
-        id2label=dict(enumerate(NAMES)),
-    )
-    return ProtoPoolForImageClassification(config).eval()
-
-
-def project_by_hand(model: ProtoPoolForImageClassification, dataset) -> None:
-    """Class c uses prototypes c and c + 4, each set to a patch of the class's photo, with its provenance."""
-    pixels = torch.cat([preprocess(dataset[i]["image"], model.config) for i in range(4)])
-    image = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
-    row, col = torch.tensor([1, 2, 3, 4, 4, 0, 2, 1]), torch.tensor([2, 4, 3, 1, 4, 0, 0, 3])
-    with torch.no_grad():
-        model.head.prototypes.copy_(model.latent_map(pixels)[image, :, row, col])
-        model.head.slot_logits.fill_(-5.0)
-        for c in range(4):
-            model.head.slot_logits[c, c, 0] = 5.0
-            model.head.slot_logits[c, c + 4, 1] = 5.0
-    model.harden_assignment()
-    model.set_projection_provenance(image, row, col, torch.zeros(8), image, input_size=[3, 160, 160])
+NUM_SLOTS = 2  # photo_model's slots per class
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +28,8 @@ def dataset() -> datasets.Dataset:
 
 @pytest.fixture(scope="module")
 def projected(dataset) -> ProtoPoolForImageClassification:
-    model = make_model()
-    project_by_hand(model, dataset)
+    model = photo_model()
+    give_provenance(model, dataset)
     return model
 
 
@@ -100,8 +65,8 @@ def test_contributions_sum_to_every_logit(projected, index):
 
 
 def test_contributions_include_off_class_slots_after_fine_tuning(dataset):
-    model = make_model(seed=1)
-    project_by_hand(model, dataset)
+    model = photo_model(seed=1)
+    give_provenance(model, dataset)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         weight = model.head.last_layer.weight
@@ -121,7 +86,7 @@ def test_contributions_include_off_class_slots_after_fine_tuning(dataset):
 
 
 def test_soft_assignment_contributions_still_sum(dataset):
-    model = make_model(seed=2)
+    model = photo_model(seed=2)
     assert not model.is_assignment_hard
     explanation = explain(model, PHOTOS[0])
     assert_sums_to_logit(explanation)
@@ -204,7 +169,7 @@ def test_class_by_name_and_errors(projected):
 
 
 def test_model_mode_is_restored(dataset):
-    model = make_model().train()
+    model = photo_model().train()
     model.backbone.bn1.eval()  # e.g. frozen batch norm statistics
     explain(model, PHOTOS[0])
     assert model.training
@@ -323,7 +288,7 @@ def test_explain_is_the_function_after_every_module_is_imported():
 
 
 def test_render_needs_a_projected_model_for_dataset_pictures(dataset):
-    explanation = explain(make_model(), PHOTOS[0])
+    explanation = explain(photo_model(), PHOTOS[0])
     explanation.render()  # no pictures asked for: fine
     with pytest.raises(ValueError, match="project_prototypes"):
         explanation.render(dataset=dataset)

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import protopool_tiny
 import pytest
 import timm
 import torch
-from test_explanation import PHOTOS, make_model, photo_dataset, project_by_hand
+from photo_fixtures import PHOTOS, give_provenance, photo_dataset, photo_model
 
 import protopool_hf
-from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
+from protopool_hf import ProtoPoolForImageClassification
 from protopool_hf.cli import main as cli_main
 from protopool_hf.explanation import explain
 from protopool_hf.export import OUTPUT_NAMES, check_onnx, export_onnx
@@ -30,17 +31,7 @@ ATOL = 1e-4  # onnxruntime vs PyTorch, absolute, on logits and similarities (the
 
 
 def tiny(backbone: str = "test_resnet", size: int = 64, seed: int = 0, **kwargs) -> ProtoPoolForImageClassification:
-    torch.manual_seed(seed)
-    config = ProtoPoolConfig(
-        backbone=backbone,
-        num_labels=3,
-        num_prototypes=6,
-        num_slots_per_class=2,
-        prototype_dim=8,
-        input_size=[3, size, size],
-        **kwargs,
-    )
-    model = ProtoPoolForImageClassification(config).eval()
+    model = protopool_tiny.tiny_model(seed, backbone=backbone, input_size=[3, size, size], **kwargs).eval()
     model.set_gumbel_scale(7.0)  # a soft assignment that is neither uniform nor one-hot
     return model
 
@@ -139,8 +130,8 @@ def explained(tmp_path_factory):
     """A projected model folder with prototype pictures, and its ONNX file (exported once for the module)."""
     folder = tmp_path_factory.mktemp("model")
     dataset = photo_dataset()
-    model = make_model()
-    project_by_hand(model, dataset)
+    model = photo_model()
+    give_provenance(model, dataset)
     model.save_pretrained(folder)
     save_prototype_images(model, dataset, folder)
     path = protopool_hf.export_onnx(model, folder.parent / "model.onnx")
@@ -312,13 +303,11 @@ def test_onnx_explain_runs_without_torch(explained, tmp_path):
     ("size", "preprocessing"),
     [((512, 512), {}), ((333, 500), {}), ((500, 333), {}), ((301, 219), {"crop_mode": "squash", "crop_pct": 1.0})],
 )
-def test_numpy_preprocessing_matches_the_library(size, preprocessing):
+def test_numpy_preprocessing_matches_the_library(size, preprocessing, tiny_model):
     from transformers import AutoImageProcessor
 
     explainer = load_explainer()
-    config = ProtoPoolConfig(backbone="test_resnet", num_labels=2, num_prototypes=4, num_slots_per_class=1)
-    config.update(preprocessing)
-    model = ProtoPoolForImageClassification(config)
+    model = tiny_model(**preprocessing)
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         processor_config = json.loads((Path(folder) / "preprocessor_config.json").read_text())

@@ -29,7 +29,7 @@ from protopool_hf.gumbel import GumbelScheduleWarning
 
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from protopool_tiny import tiny_config, tiny_model, trainer_args
+from protopool_tiny import fashion_config, fashion_model, trainer_args
 
 
 def _random_batches(config: ProtoPoolConfig, n: int) -> list[dict[str, torch.Tensor]]:
@@ -48,7 +48,7 @@ def _scale_warnings(caught: list[warnings.WarningMessage]) -> list[warnings.Warn
 
 def _trained_like_folder(tmp_path: Path) -> Path:
     """A hardened, projected 10-class model with s = 1000, saved as a Trainer would."""
-    model = tiny_model()
+    model = fashion_model()
     model.set_gumbel_scale(1000.0)
     model.harden_assignment()
     count = model.config.num_prototypes
@@ -120,19 +120,19 @@ def test_train_mode_warns_only_while_the_scale_was_never_set(tmp_path: Path):
             model.train()
         return len(_scale_warnings(caught))
 
-    assert warnings_of(tiny_model()) == 1
-    scheduled = tiny_model()
+    assert warnings_of(fashion_model()) == 1
+    scheduled = fashion_model()
     scheduled.set_gumbel_scale(1.0)  # set on purpose, even to the initial value
     assert warnings_of(scheduled) == 0
-    hardened = tiny_model()
+    hardened = fashion_model()
     hardened.harden_assignment()
     assert warnings_of(hardened) == 0
-    moved = tiny_model()
+    moved = fashion_model()
     moved.set_gumbel_scale(300.0)
     moved.save_pretrained(tmp_path)
     assert warnings_of(ProtoPoolForImageClassification.from_pretrained(tmp_path)) == 0  # a saved s != 1 was set
 
-    model = tiny_model()
+    model = fashion_model()
     trainer = Trainer(
         model=model,
         args=trainer_args(tmp_path / "run", max_steps=2, per_device_train_batch_size=4),
@@ -172,7 +172,7 @@ def _guide_dataset(folder: Path, n: int, with_labels: bool = True):
 
 
 def test_projection_callback_takes_the_guides_label_column(tmp_path: Path):
-    model = tiny_model(crop_mode="squash")
+    model = fashion_model(crop_mode="squash")
     model.save_pretrained(tmp_path / "start")
     train = _guide_dataset(tmp_path / "start", 16)
     assert set(train[0]) == {"pixel_values", "label"}
@@ -194,7 +194,7 @@ def test_projection_callback_takes_the_guides_label_column(tmp_path: Path):
 
 
 def test_projection_callback_refuses_a_wrong_format_before_the_first_step(tmp_path: Path):
-    model = tiny_model(crop_mode="squash")
+    model = fashion_model(crop_mode="squash")
     model.save_pretrained(tmp_path / "start")
     train = _guide_dataset(tmp_path / "start", 8)
     unlabelled = _guide_dataset(tmp_path / "start", 8, with_labels=False)
@@ -218,7 +218,7 @@ def test_saved_config_holds_no_local_path_and_builds_offline_without_the_weights
     weights = tmp_path / "machine-local" / "start_weights.pth"
     weights.parent.mkdir()
     torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), weights)
-    model = tiny_model(backbone_pretrained=True, backbone_kwargs={"pretrained_cfg_overlay": {"file": str(weights)}})
+    model = fashion_model(backbone_pretrained=True, backbone_kwargs={"pretrained_cfg_overlay": {"file": str(weights)}})
     model.save_pretrained(tmp_path / "saved")
     text = (tmp_path / "saved" / "config.json").read_text()
     assert str(weights.parent) not in text and str(tmp_path) not in text
@@ -238,10 +238,10 @@ def test_saved_config_holds_no_local_path_and_builds_offline_without_the_weights
 
 
 def test_saved_config_records_timm_hub_weights_for_the_card(tmp_path: Path):
-    config = tiny_config(backbone_pretrained=True, backbone_kwargs={"checkpoint_path": "/home/me/ckpt.pth"})
+    config = fashion_config(backbone_pretrained=True, backbone_kwargs={"checkpoint_path": "/home/me/ckpt.pth"})
     assert json.loads(config.to_json_string())["backbone_start_weights"] == "file:ckpt.pth"
     assert "checkpoint_path" not in json.loads(config.to_json_string())["backbone_kwargs"]
-    config = tiny_config(backbone_pretrained=True)  # timm's own weights: not downloaded here, only named
+    config = fashion_config(backbone_pretrained=True)  # timm's own weights: not downloaded here, only named
     config.save_pretrained(tmp_path)
     reloaded = AutoConfig.from_pretrained(tmp_path)
     hub_id = timm.models.get_pretrained_cfg("test_resnet").hf_hub_id
@@ -253,7 +253,7 @@ def test_saved_config_records_timm_hub_weights_for_the_card(tmp_path: Path):
 
 
 def test_prototype_distances_are_float32_under_bf16_autocast():
-    model = tiny_model().eval()
+    model = fashion_model().eval()
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         features = model.forward_features(x)  # the backbone runs in bf16, as in the forward pass
@@ -268,7 +268,7 @@ def test_prototype_distances_are_float32_under_bf16_autocast():
 
 
 def test_trainer_predict_returns_the_logits_only_and_the_model_output_keeps_the_distance_maps(tmp_path: Path):
-    model = tiny_model().eval()
+    model = fashion_model().eval()
     batches = _random_batches(model.config, 6)
     trainer = Trainer(model=model, args=trainer_args(tmp_path, per_device_eval_batch_size=4))
     result = trainer.predict(batches)
@@ -286,7 +286,7 @@ def test_trainer_predict_returns_the_logits_only_and_the_model_output_keeps_the_
 
 @pytest.mark.parametrize("feature_stage", [None, 1])
 def test_timm_data_helpers_return_the_config_preprocessing(tmp_path: Path, feature_stage: int | None):
-    model = tiny_model(
+    model = fashion_model(
         feature_stage=feature_stage,
         input_size=[3, 48, 40],
         image_mean=[0.5, 0.4, 0.3],

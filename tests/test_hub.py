@@ -20,9 +20,9 @@ from card_fixtures import (
     REPO,
     REPORT,
     TRAINING,
+    card_model,
     siblings,
     snapshot,
-    tiny_model,
     write_pictures,
 )
 from huggingface_hub import HfApi, ModelCard, hf_hub_download, list_repo_files
@@ -41,7 +41,7 @@ from protopool_hf.metrics import REPORT_FILENAME
 
 
 def test_save_model_folder_writes_a_complete_folder_and_updates_it_in_place(tmp_path, caplog):
-    model, folder = tiny_model(), tmp_path / "run" / "out"
+    model, folder = card_model(), tmp_path / "run" / "out"
     assert save_model_folder(model, folder, metrics=METRICS, dataset_name=DATASET) == folder
     assert set(snapshot(folder)) == MODEL_FILES and siblings(folder) == []
     assert AutoModelForImageClassification.from_pretrained(folder).config.id2label == CLASSES
@@ -74,13 +74,13 @@ def test_save_model_folder_draws_the_pictures_from_the_dataset(tmp_path, monkeyp
         write_pictures(Path(out_dir))
 
     monkeypatch.setattr("protopool_hf.gallery.save_prototype_images", fake_save_prototype_images)
-    folder = save_model_folder(tiny_model(), tmp_path / "out", dataset="the dataset")
+    folder = save_model_folder(card_model(), tmp_path / "out", dataset="the dataset")
     assert calls == [("the dataset", True)] and (folder / GALLERY).is_file()
     assert "](prototypes/gallery.png)" in (folder / "README.md").read_text()
 
 
 def test_a_failed_save_leaves_the_old_folder_untouched(tmp_path, monkeypatch):
-    folder = save_model_folder(tiny_model(), tmp_path / "out")
+    folder = save_model_folder(card_model(), tmp_path / "out")
     write_pictures(folder)
     before = snapshot(folder)
 
@@ -88,7 +88,7 @@ def test_a_failed_save_leaves_the_old_folder_untouched(tmp_path, monkeypatch):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(hub, "render_model_card", broken)
-    model = tiny_model()
+    model = card_model()
     with torch.no_grad():
         model.head.last_layer.weight.mul_(2)
     with pytest.raises(RuntimeError, match="disk full"):
@@ -104,7 +104,7 @@ def expected_commit(pictures: set[str] = frozenset()) -> set[str]:
 
 
 def test_push_a_model_then_load_it_through_the_hub(hub_server, tmp_path):
-    model = tiny_model()
+    model = card_model()
     info = push_to_hub(model, REPO, metrics=METRICS, dataset_name=DATASET, training_args=TRAINING)
     repo = hub_server.repos[REPO]
     assert [commit.title for commit in repo.commits] == ["initial commit", "Upload ProtoPool model"]
@@ -132,7 +132,7 @@ def test_push_a_model_then_load_it_through_the_hub(hub_server, tmp_path):
 
 
 def test_a_fresh_process_without_protopool_hf_loads_the_pushed_repo(hub_server, tmp_path):
-    model = tiny_model()
+    model = card_model()
     push_to_hub(model, REPO)
     pixel_values = torch.randn(2, 3, 160, 160)
     torch.save(pixel_values, tmp_path / "inputs.pt")
@@ -163,7 +163,7 @@ def test_a_fresh_process_without_protopool_hf_loads_the_pushed_repo(hub_server, 
 
 
 def test_push_a_trained_folder_as_it_is(hub_server, tmp_path):
-    folder = save_model_folder(tiny_model(), tmp_path / "out", training_args=TRAINING)
+    folder = save_model_folder(card_model(), tmp_path / "out", training_args=TRAINING)
     pictures = write_pictures(folder)
     (folder / "trainer_state.json").write_text(json.dumps({"log_history": [{"eval_accuracy": 0.8, "epoch": 3}]}))
     (folder / "training_args.bin").write_bytes(b"pickle")
@@ -194,7 +194,7 @@ def test_push_a_trained_folder_as_it_is(hub_server, tmp_path):
 
 
 def test_a_repush_keeps_the_users_readme_and_drops_stale_pictures(hub_server, tmp_path):
-    folder = save_model_folder(tiny_model(), tmp_path / "out")
+    folder = save_model_folder(card_model(), tmp_path / "out")
     write_pictures(folder)
     push_to_hub(folder, REPO, metrics={"eval_accuracy": 0.5}, dataset_name=DATASET)
     remote = ModelCard.load(REPO)
@@ -222,12 +222,12 @@ def test_a_repush_keeps_the_users_readme_and_drops_stale_pictures(hub_server, tm
 
 
 def test_a_failed_push_leaves_the_repo_at_its_previous_revision(hub_server, tmp_path):
-    folder = save_model_folder(tiny_model(), tmp_path / "out")
+    folder = save_model_folder(card_model(), tmp_path / "out")
     write_pictures(folder)
     push_to_hub(folder, REPO)
     repo = hub_server.repos[REPO]
     head, files = repo.branches["main"], list_repo_files(REPO)
-    model = tiny_model()
+    model = card_model()
     with torch.no_grad():
         model.head.last_layer.weight.mul_(3)
 
@@ -244,7 +244,7 @@ def test_a_failed_push_leaves_the_repo_at_its_previous_revision(hub_server, tmp_
 
 
 def test_a_push_based_on_an_outdated_revision_fails(hub_server, monkeypatch):
-    push_to_hub(tiny_model(), REPO)
+    push_to_hub(card_model(), REPO)
     stage = hub._stage
 
     def stage_while_someone_else_commits(*args, **kwargs):
@@ -253,7 +253,7 @@ def test_a_push_based_on_an_outdated_revision_fails(hub_server, monkeypatch):
 
     monkeypatch.setattr(hub, "_stage", stage_while_someone_else_commits)
     with pytest.raises(HfHubHTTPError, match="412"):
-        push_to_hub(tiny_model(), REPO, metrics={"eval_accuracy": 0.3})
+        push_to_hub(card_model(), REPO, metrics={"eval_accuracy": 0.3})
     assert hub_server.repos[REPO].read("README.md") == b"# theirs\n"  # their change is not overwritten
 
 
@@ -263,18 +263,18 @@ def test_push_to_another_branch(hub_server, monkeypatch):
         repo.branches.setdefault(branch, repo.branches["main"])
 
     monkeypatch.setattr(HfApi, "create_branch", create_branch)
-    push_to_hub(tiny_model(), REPO, revision="dev", private=True)
+    push_to_hub(card_model(), REPO, revision="dev", private=True)
     repo = hub_server.repos[REPO]
     assert repo.private and repo.branches["main"] == repo.commits[0].oid
     assert "README.md" in repo.resolve("dev").files
 
 
 def test_a_resave_keeps_the_extra_sections_of_the_folders_card(tmp_path):
-    folder = save_model_folder(tiny_model(), tmp_path / "out")
+    folder = save_model_folder(card_model(), tmp_path / "out")
     report = "## Interpretability\n\nconsistency 0.8"
-    card = render_model_card(tiny_model(), existing_card=folder / "README.md", extra_sections={"report": report})
+    card = render_model_card(card_model(), existing_card=folder / "README.md", extra_sections={"report": report})
     card.save(folder / "README.md")
-    save_model_folder(tiny_model(), folder, metrics={"eval_accuracy": 0.5})
+    save_model_folder(card_model(), folder, metrics={"eval_accuracy": 0.5})
     assert report in (folder / "README.md").read_text()
 
 
@@ -282,7 +282,7 @@ def test_a_resave_keeps_the_extra_sections_of_the_folders_card(tmp_path):
 
 
 def test_a_resave_of_the_same_model_keeps_the_report_and_new_weights_drop_it(tmp_path, caplog):
-    model = tiny_model()
+    model = card_model()
     folder = save_model_folder(model, tmp_path / "out", metrics=METRICS, dataset_name=DATASET)
     (folder / REPORT_FILENAME).write_text(json.dumps(REPORT))  # as protopool-hf evaluate writes it
     save_model_folder(model, folder)
@@ -304,7 +304,7 @@ def test_a_resave_of_the_same_model_keeps_the_report_and_new_weights_drop_it(tmp
 
 
 def test_save_pretrained_replacing_keeps_the_report_of_unchanged_weights_only(tmp_path):
-    model = tiny_model()
+    model = card_model()
     folder = hub.save_pretrained_replacing(model, tmp_path / "out")
     (folder / REPORT_FILENAME).write_text(json.dumps(REPORT))
     hub.save_pretrained_replacing(model, folder)
@@ -315,7 +315,7 @@ def test_save_pretrained_replacing_keeps_the_report_of_unchanged_weights_only(tm
 
 
 def test_push_carries_the_folders_report_and_a_model_push_removes_it(hub_server, tmp_path):
-    folder = save_model_folder(tiny_model(), tmp_path / "out", metrics=METRICS, dataset_name=DATASET)
+    folder = save_model_folder(card_model(), tmp_path / "out", metrics=METRICS, dataset_name=DATASET)
     (folder / REPORT_FILENAME).write_text(json.dumps(REPORT))  # evaluated after the save: its card lacks the section
     assert "## Interpretability" not in (folder / "README.md").read_text()
 
@@ -330,7 +330,7 @@ def test_push_carries_the_folders_report_and_a_model_push_removes_it(hub_server,
     assert [(r.dataset_name, r.dataset_split, r.metric_value) for r in shares] == [(DATASET, "test", 5 / 6)]
     assert (folder / "README.md").read_text().count("## Interpretability") == 0  # the folder is not modified
 
-    model = tiny_model()
+    model = card_model()
     with torch.no_grad():
         model.head.last_layer.weight.mul_(2)
     push_to_hub(model, REPO)  # new weights without a report: the old report leaves the repo and the card

@@ -1,6 +1,7 @@
 """`protopool-hf evaluate` on a tiny saved model and Fashion-MNIST's test slice; the report on the card and the Hub."""
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification, push_to_hub
+from protopool_hf import ProtoPoolForImageClassification, push_to_hub
 from protopool_hf.cli import main
 from protopool_hf.data import FASHION_MNIST_LABELS, load_fashion_mnist
 from protopool_hf.hub import save_model_folder
@@ -19,20 +20,17 @@ FASHION_MNIST = Path(__file__).parent / "data" / "fashion-mnist"
 FAST = ["--limit", "6", "--max-images", "2", "--localisation", "upsampled"]
 
 
-def save_tiny_model(folder: Path) -> Path:
-    torch.manual_seed(0)
-    config = ProtoPoolConfig(
-        backbone="test_resnet",
+def save_tiny_model(folder: Path, tiny_model: Callable[..., ProtoPoolForImageClassification]) -> Path:
+    """The tiny model for the 10 Fashion-MNIST classes at 32 px, with provenance, saved in `folder`."""
+    model = tiny_model(
         num_labels=10,
         num_prototypes=12,
-        num_slots_per_class=2,
-        prototype_dim=8,
         input_size=[3, 32, 32],
         crop_pct=1.0,
         feature_stage=2,
         id2label=dict(enumerate(FASHION_MNIST_LABELS)),
-    )
-    model = ProtoPoolForImageClassification(config).eval()
+    ).eval()
+    config = model.config
     # Provenance as a projection on the training split's first images leaves it: prototype p on image p, cell (1, 2).
     count = config.num_prototypes
     index, row, col = torch.arange(count), torch.ones(count, dtype=torch.long), torch.full((count,), 2)
@@ -42,8 +40,8 @@ def save_tiny_model(folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model_folder(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("evaluate") / "model")
+def model_folder(tmp_path_factory, tiny_model) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("evaluate") / "model", tiny_model)
 
 
 def test_evaluate_writes_the_report_into_the_model_folder(model_folder, capsys):

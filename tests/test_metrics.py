@@ -11,6 +11,7 @@ import json
 import datasets
 import numpy as np
 import PIL.Image
+import protopool_tiny
 import pytest
 import torch
 
@@ -74,19 +75,16 @@ def square_parts() -> PartAnnotations:
 
 def make_model(kinds: tuple[str, str, str, str], dataset: datasets.Dataset) -> ProtoPoolForImageClassification:
     """Class 0 uses prototypes 0 and 1, class 1 uses 2 and 3; prototype p is image 0's object or background cell."""
-    torch.manual_seed(0)
-    config = ProtoPoolConfig(
-        backbone="test_resnet",
+    model = protopool_tiny.tiny_model(
+        0,
         num_labels=2,
         num_prototypes=4,
-        num_slots_per_class=2,
-        prototype_dim=8,
         input_size=[3, SIZE, SIZE],
         crop_pct=1.0,
         feature_stage=2,
         id2label={0: "square", 1: "blank"},
-    )
-    model = ProtoPoolForImageClassification(config).eval()
+    ).eval()
+    config = model.config
     pixels = EvalTransform(config)(dataset[0]["image"].convert("RGB"))[None]
     cells = [OBJECT_CELL if kind == "object" else BACKGROUND_CELL for kind in kinds]
     with torch.no_grad():

@@ -1,136 +1,24 @@
-import json
-import subprocess
-import sys
-import textwrap
+"""protopool_hf.modeling_protopool: the head and the model: outputs and loss terms, assignment modes, initialisation,
+labels, autocast, the pipeline, timm's forward_features / forward_head split."""
 
 import numpy as np
 import pytest
-import timm
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification, pipeline
+from transformers import AutoImageProcessor, pipeline
 
-from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification, ProtoPoolOutput
-from protopool_hf.backbone import leading_stage_parameters
+from protopool_hf import ProtoPoolForImageClassification, ProtoPoolOutput
 from protopool_hf.layers import slot_class_identity
 from protopool_hf.modeling_protopool import ProtoPoolHead
 
 
-TINY = {"num_labels": 3, "num_prototypes": 6, "num_slots_per_class": 2, "prototype_dim": 8}
-TEST_BACKBONES = timm.list_models("test_*")
-
-
-def tiny_model(backbone="test_resnet", **overrides):
-    torch.manual_seed(0)
-    return ProtoPoolForImageClassification(ProtoPoolConfig(backbone=backbone, **{**TINY, **overrides}))
-
-
-def parametrized_backbones(test) -> list[str]:
-    """The `backbone` values a test is parametrized with (plain values or `pytest.param`s)."""
-    marks = [m for m in test.pytestmark if m.name == "parametrize" and m.args[0] == "backbone"]
-    return [value.values[0] if hasattr(value, "values") else value for mark in marks for value in mark.args[1]]
-
-
-def test_every_timm_test_model_is_covered():
-    # Whatever this timm version lists (18 in timm 1.0.x), every one runs through the per-backbone tests.
-    listed = timm.list_models("test_*")
-    assert {"test_resnet", "test_mambaout", "test_vit", "test_vit_relpos", "test_convnext"} <= set(listed)
-    for test in (
-        test_any_timm_backbone_trains_saves_and_reloads,
-        test_leading_stages_are_exactly_what_each_stage_map_depends_on,
-    ):
-        assert sorted(parametrized_backbones(test)) == sorted(listed), test.__name__
-
-
-@pytest.mark.parametrize("backbone", TEST_BACKBONES)
-def test_any_timm_backbone_trains_saves_and_reloads(backbone, tmp_path):
-    model = tiny_model(backbone, backbone_kwargs={"drop_path_rate": 0.1} if "vit" in backbone else None)
-    size = model.config.input_size
-    x = torch.randn(2, *size)
-    out = model(x, labels=torch.tensor([0, 2]))
-    assert out.logits.shape == (2, 3) and out.min_distances.shape == (2, 6) and out.slot_assignment.shape == (3, 6, 2)
-    out.loss.backward()
-    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    assert not missing, f"no gradient for {missing}"
-    model.eval()
-    with torch.no_grad():
-        expected = model(x).logits
-    model.save_pretrained(tmp_path)
-    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(x).logits, expected, atol=1e-5, rtol=1e-5)
-
-
-def test_feature_map_is_nchw_for_nhwc_and_token_backbones():
-    for backbone, channels in (("test_mambaout", 64), ("test_vit", 64)):
-        model = tiny_model(backbone).eval()
-        features = model.forward_features(torch.randn(1, *model.config.input_size))
-        assert features.shape[:2] == (1, channels) and features.shape[2] == features.shape[3] > 1
-
-
-def test_unused_backbone_modules_are_removed():
-    model = tiny_model("test_convnext")
-    assert isinstance(model.backbone.head, torch.nn.Identity)  # the head norm is never used by forward_features
-    assert all(p.requires_grad for p in model.parameters())
-
-
-def test_earlier_feature_stage_gives_a_larger_map_and_drops_later_stages():
-    last = tiny_model("test_convnext", input_size=[3, 64, 64])
-    early = tiny_model("test_convnext", input_size=[3, 64, 64], feature_stage=1)
-    x = torch.randn(2, 3, 64, 64)
-    assert last.forward_features(x).shape[-1] == 2 and early.forward_features(x).shape[-1] == 8
-    assert sum(p.numel() for p in early.backbone.parameters()) < sum(p.numel() for p in last.backbone.parameters())
-    early(x, labels=torch.tensor([0, 1])).loss.backward()
-    assert all(p.grad is not None for p in early.parameters() if p.requires_grad)
-    with pytest.raises(ValueError, match="`feature_stage`=7 is out of range for this backbone, which has 4 stages"):
-        tiny_model("test_convnext", feature_stage=7)
-
-
-@pytest.mark.parametrize("backbone", TEST_BACKBONES)
-def test_leading_stages_are_exactly_what_each_stage_map_depends_on(backbone):
-    model = tiny_model(backbone)
-    net = model.backbone
-    params = dict(net.named_parameters())
-    # One forward pass for all stage maps, one backward pass per map.
-    num_stages = len(net.feature_info)
-    maps = net.forward_intermediates(
-        torch.randn(2, *model.config.input_size), indices=list(range(num_stages)), intermediates_only=True
-    )
-    assert len(maps) == num_stages
-    for stages in range(1, num_stages + 1):
-        net.zero_grad(set_to_none=True)
-        maps[stages - 1].sum().backward(retain_graph=stages < num_stages)
-        used = [name for name, param in params.items() if param.grad is not None]
-        assert leading_stage_parameters(net, stages) == used, f"{backbone}: stages 0..{stages - 1}"
-    assert leading_stage_parameters(net, 0) == []
-    with pytest.raises(ValueError, match=f"an int in 0..{len(net.feature_info)} for this backbone, got 99"):
-        leading_stage_parameters(net, 99)
-
-
-def test_leading_stages_of_a_cut_backbone_stop_at_its_feature_stage():
-    model = tiny_model("test_convnext", feature_stage=1)
-    assert leading_stage_parameters(model.backbone, 2) == [name for name, _ in model.backbone.named_parameters()]
-    with pytest.raises(ValueError, match="has only the stages up to that one"):
-        leading_stage_parameters(model.backbone, 3)
-
-
-def test_model_builds_under_no_grad():
-    with torch.no_grad():
-        model = tiny_model("test_convnext")
-    assert isinstance(model.backbone.head, torch.nn.Identity)
-    # Built under no_grad, the weights are still trainable leaves: a training step reaches every one of them.
-    assert all(p.requires_grad and p.is_leaf for p in model.parameters())
-    model.train()(torch.randn(2, 3, 160, 160), labels=torch.tensor([0, 1])).loss.backward()
-    assert [n for n, p in model.named_parameters() if p.grad is None] == []
-
-
-def test_batch_size_one():
+def test_batch_size_one(tiny_model):
     model = tiny_model().eval()
     out = model(torch.randn(1, 3, 160, 160), labels=torch.tensor([1]))
     assert out.logits.shape == (1, 3) and out.min_distances.shape == (1, 6) and torch.isfinite(out.loss)
 
 
-def test_output_and_loss_terms():
+def test_output_and_loss_terms(tiny_model):
     model = tiny_model().train()
     out = model(torch.randn(2, 3, 160, 160), labels=torch.tensor([0, 1]))
     assert isinstance(out, ProtoPoolOutput)
@@ -154,7 +42,7 @@ def test_output_and_loss_terms():
     ]
 
 
-def test_labels_out_of_range_are_refused_with_a_clear_message():
+def test_labels_out_of_range_are_refused_with_a_clear_message(tiny_model):
     model = tiny_model()
     x = torch.randn(2, 3, 160, 160)
     with pytest.raises(ValueError, match=r"`labels` holds \[3\], outside \[0, 3\)"):
@@ -163,7 +51,7 @@ def test_labels_out_of_range_are_refused_with_a_clear_message():
         model(x, labels=torch.tensor([-1, 0]))
 
 
-def test_eval_is_deterministic_softmax_and_scale_one_is_the_plain_softmax_path():
+def test_eval_is_deterministic_softmax_and_scale_one_is_the_plain_softmax_path(tiny_model):
     model = tiny_model().eval()
     model.set_gumbel_scale(1.0)
     torch.testing.assert_close(model.deterministic_assignment(), torch.softmax(model.head.slot_logits, dim=1))
@@ -175,21 +63,7 @@ def test_eval_is_deterministic_softmax_and_scale_one_is_the_plain_softmax_path()
         model.set_gumbel_scale(0.0)
 
 
-def test_gumbel_scale_and_hard_assignment_are_saved(tmp_path):
-    model = tiny_model()
-    assert model.gumbel_scale == 1.0 and not model.is_assignment_hard
-    model.set_gumbel_scale(577.35)
-    model.harden_assignment()
-    out = model.train()(torch.randn(1, 3, 160, 160))
-    hard = torch.nn.functional.one_hot(model.head.slot_logits.argmax(1), 6).permute(0, 2, 1).float()
-    assert torch.equal(out.slot_assignment, hard)  # hard in every mode, logits kept
-    model.save_pretrained(tmp_path)
-    reloaded = ProtoPoolForImageClassification.from_pretrained(tmp_path)
-    assert reloaded.gumbel_scale == pytest.approx(577.35) and reloaded.is_assignment_hard
-    assert torch.equal(reloaded.class_to_prototypes(), model.class_to_prototypes())
-
-
-def test_head_initialisation_follows_the_official_code():
+def test_head_initialisation_follows_the_official_code(tiny_model):
     model = tiny_model()
     weight = model.head.last_layer.weight
     assert weight.shape == (3, 6) and weight.sum() == 6 and torch.equal(weight[1, 2:4], torch.ones(2))
@@ -197,7 +71,7 @@ def test_head_initialisation_follows_the_official_code():
     assert model.head.prototypes.shape == (6, 8) and model.head.prototypes.min() >= 0
 
 
-def test_last_layer_connections_come_from_the_config_and_trained_weights_survive_reloading(tmp_path):
+def test_last_layer_connections_come_from_the_config_and_trained_weights_survive_reloading(tiny_model, tmp_path):
     model = tiny_model(last_layer_correct_connection=10.0)
     weight = model.head.last_layer.weight
     assert torch.equal(weight[0], torch.tensor([10.0, 10.0, 0, 0, 0, 0]))
@@ -209,104 +83,7 @@ def test_last_layer_connections_come_from_the_config_and_trained_weights_survive
     assert torch.equal(reloaded.head.last_layer.weight, weight)
 
 
-def test_post_init_keeps_timm_initialisation():
-    torch.manual_seed(0)
-    native = timm.create_model("test_resnet", num_classes=0)
-    model = tiny_model()
-    # transformers' default init would give every conv std 0.02; timm's own gives a fan-based std.
-    stds = [m.weight.std().item() for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
-    native_stds = [m.weight.std().item() for m in native.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert stds == pytest.approx(native_stds, rel=0.3)
-    assert not any(abs(s - 0.02) < 1e-3 for s in stds)
-
-
-def test_pretrained_backbone_weights_from_a_local_file_survive_construction(tmp_path):
-    torch.manual_seed(1)
-    source = timm.create_model("test_resnet", num_classes=0)
-    weights = tmp_path / "weights.pth"
-    torch.save(source.state_dict(), weights)
-    config = ProtoPoolConfig(
-        backbone="test_resnet",
-        backbone_pretrained=True,
-        backbone_kwargs={"pretrained_cfg_overlay": {"file": str(weights)}},
-        **TINY,
-    )
-    model = ProtoPoolForImageClassification(config)
-    for name, tensor in source.state_dict().items():
-        torch.testing.assert_close(model.backbone.state_dict()[name], tensor, msg=name)
-    model.save_pretrained(tmp_path / "saved")
-    weights.unlink()  # from_pretrained must not look for (or download) the pretrained weights again
-    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "saved")
-    torch.testing.assert_close(reloaded.backbone.conv1[0].weight, source.conv1[0].weight)
-
-
-def test_non_persistent_timm_buffers_are_restored(tmp_path):
-    model = tiny_model("test_vit_relpos").eval()
-    model.save_pretrained(tmp_path)
-    reloaded = ProtoPoolForImageClassification.from_pretrained(tmp_path).eval()
-    for (name, buffer), (_, expected) in zip(
-        reloaded.backbone.named_buffers(), model.backbone.named_buffers(), strict=True
-    ):
-        assert torch.equal(buffer, expected), name
-
-
-def test_saved_folder_is_safetensors_with_code_auto_map_and_preprocessor(tmp_path):
-    model = tiny_model()
-    model.save_pretrained(tmp_path)
-    files = {p.name for p in tmp_path.iterdir()}
-    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= files
-    code = {"configuration_protopool.py", "modeling_protopool.py", "layers.py", "losses.py", "backbone.py"}
-    assert code | {"gumbel.py", "loading.py", "preprocessing.py", "provenance.py", "torch_utils.py"} <= files
-    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageClassification"}
-    assert config["input_size"] == [3, 160, 160] and config["image_mean"] == [0.5, 0.5, 0.5]
-    assert isinstance(AutoModel.from_pretrained(tmp_path), ProtoPoolForImageClassification)
-
-
-def test_remote_code_loads_in_a_fresh_process_without_the_package(tmp_path):
-    model = tiny_model().eval()
-    x = torch.randn(2, 3, 160, 160)
-    with torch.no_grad():
-        np.save(tmp_path / "expected.npy", model(x).logits.numpy())
-    np.save(tmp_path / "x.npy", x.numpy())
-    model.save_pretrained(tmp_path / "model")
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.modules["protopool_hf"] = None  # the package is not importable in this process
-        import numpy as np, torch
-        from transformers import AutoModel, AutoModelForImageClassification
-        try:
-            import protopool_hf
-        except ImportError:
-            pass
-        else:
-            raise SystemExit("protopool_hf should not be importable here")
-        folder = r"{tmp_path / "model"}"
-        x = torch.from_numpy(np.load(r"{tmp_path / "x.npy"}"))
-        expected = np.load(r"{tmp_path / "expected.npy"}")
-        for auto in (AutoModelForImageClassification, AutoModel):
-            model = auto.from_pretrained(folder, trust_remote_code=True).eval()
-            assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-            with torch.no_grad():
-                np.testing.assert_allclose(model(x).logits.numpy(), expected, atol=1e-6)
-        print("REMOTE-OK")
-        """
-    )
-    env_home = tmp_path / "hf"
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(env_home), "PATH": "/usr/bin:/bin"},
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
-
-
-def test_pipeline_returns_the_model_labels(tmp_path):
+def test_pipeline_returns_the_model_labels(tiny_model, tmp_path):
     model = tiny_model(id2label={0: "cat", 1: "dog", 2: "eel"}, label2id={"cat": 0, "dog": 1, "eel": 2})
     model.save_pretrained(tmp_path)
     classify = pipeline("image-classification", model=str(tmp_path))
@@ -320,7 +97,7 @@ def test_pipeline_returns_the_model_labels(tmp_path):
     assert predictions[0]["label"] == model.config.id2label[int(logits.argmax())]
 
 
-def test_bf16_autocast_logits_match_float32():
+def test_bf16_autocast_logits_match_float32(tiny_model):
     model = tiny_model().eval()
     x = torch.randn(2, 3, 160, 160)
     with torch.no_grad():
@@ -329,35 +106,6 @@ def test_bf16_autocast_logits_match_float32():
             mixed = model(x)
     assert mixed.logits.dtype == torch.float32 and mixed.min_distances.dtype == torch.float32
     torch.testing.assert_close(mixed.logits, reference, atol=1e-2, rtol=0)
-
-
-def test_activation_checkpointing_recomputes_the_stages_and_gives_the_same_gradients():
-    x, labels = torch.randn(2, 3, 160, 160), torch.tensor([0, 1])
-    runs = {}
-    for checkpointing in (False, True):
-        model = tiny_model("test_convnext").train()
-        if checkpointing:
-            model.activation_checkpointing_enable()  # the stock transformers 5 switch
-            assert model.is_activation_checkpointing
-            assert all(stage.grad_checkpointing for stage in model.backbone.stages)
-        calls = []
-        conv = next(m for m in model.backbone.stages[1].blocks.modules() if isinstance(m, torch.nn.Conv2d))
-        conv.register_forward_hook(lambda *_, calls=calls: calls.append(1))
-        torch.manual_seed(1)  # the same Gumbel noise in both runs
-        loss = model(x, labels=labels).loss
-        loss.backward()
-        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-        runs[checkpointing] = loss.detach(), grads, len(calls)
-    (loss, grads, calls), (loss_ckpt, grads_ckpt, calls_ckpt) = runs[False], runs[True]
-    # Checkpointing runs the blocks' layers again during backward, and changes nothing else.
-    assert calls == 1 and calls_ckpt == 2
-    model.activation_checkpointing_disable()
-    assert not model.is_activation_checkpointing and not any(s.grad_checkpointing for s in model.backbone.stages)
-    assert grads.keys() == grads_ckpt.keys() and "head.prototypes" in grads and len(grads) > 10
-    # Same batch, same kernels, the forward recomputed: equal to float32 rounding.
-    torch.testing.assert_close(loss_ckpt, loss, rtol=1e-5, atol=1e-6)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------- the head
@@ -409,8 +157,8 @@ def test_head_computes_in_float32_under_bf16_autocast():
 
 
 # ---------------------------------------------------------------------------------------------- the model
-def test_constructing_a_model_leaves_the_callers_config_untouched():
-    config = ProtoPoolConfig(backbone="test_resnet", **TINY)
+def test_constructing_a_model_leaves_the_callers_config_untouched(tiny_config):
+    config = tiny_config()
     before = config.to_dict()
     model = ProtoPoolForImageClassification(config)
     assert config.to_dict() == before and config.input_size is None and config.image_mean is None
@@ -418,7 +166,7 @@ def test_constructing_a_model_leaves_the_callers_config_untouched():
     assert model.config.input_size == [3, 160, 160] and model.config.crop_mode == "center"  # recorded in its copy
 
 
-def test_forward_runs_forward_head_on_forward_features_and_returns_one_output_type():
+def test_forward_runs_forward_head_on_forward_features_and_returns_one_output_type(tiny_model):
     model = tiny_model().eval()
     x = torch.randn(2, 3, 160, 160)
     with torch.no_grad():
@@ -437,6 +185,6 @@ def test_forward_runs_forward_head_on_forward_features_and_returns_one_output_ty
     assert list(with_loss.keys())[:2] == ["loss", "logits"]  # Trainer reads outputs[0] as the loss
 
 
-def test_mixup_labels_without_labels_are_refused():
+def test_mixup_labels_without_labels_are_refused(tiny_model):
     with pytest.raises(ValueError, match="`mixup_labels` came without `labels`"):
         tiny_model()(torch.randn(2, 3, 160, 160), mixup_labels=torch.tensor([0, 1]), mixup_lambda=0.5)

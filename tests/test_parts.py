@@ -6,9 +6,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 
-from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
 from protopool_hf.data import load_cub200
 from protopool_hf.interpretability import evaluate_interpretability
 from protopool_hf.parts import PartAnnotations, load_cub_parts
@@ -82,19 +80,9 @@ def test_cub_parts_follow_the_loader_rows_and_its_crop(tmp_path):
     assert parts.merged_groups() == {"back": [0], "beak": [1], "eye": [2, 3]}
 
 
-def test_cub_parts_feed_evaluate_interpretability(tmp_path):
+def test_cub_parts_feed_evaluate_interpretability(tmp_path, tiny_model):
     write_cub(tmp_path)
-    torch.manual_seed(0)
-    config = ProtoPoolConfig(
-        backbone="test_resnet",
-        num_labels=2,
-        num_prototypes=4,
-        num_slots_per_class=2,
-        prototype_dim=8,
-        input_size=[3, 64, 64],
-        feature_stage=2,
-    )
-    model = ProtoPoolForImageClassification(config).eval()
+    model = tiny_model(num_labels=2, num_prototypes=4, input_size=[3, 64, 64], feature_stage=2).eval()
     report = evaluate_interpretability(
         model, load_cub200(tmp_path, "test"), parts=load_cub_parts(tmp_path, "test"), localisation="upsampled"
     )

@@ -19,11 +19,11 @@ from protopool_hf.transforms import collate_fn
 
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from protopool_tiny import changed, fashion_mnist, snapshot, tiny_config, tiny_model, trainer_args
+from protopool_tiny import changed, fashion_config, fashion_mnist, fashion_model, snapshot, trainer_args
 
 
 def test_param_groups_follow_the_official_optimizers():
-    model = tiny_model()
+    model = fashion_model()
     lr = 1e-3
     expected = {
         "warmup": [("add_on", 3 * lr, 1e-3), ("prototypes", 3 * lr, 0.0), ("slot_logits", 3 * lr, 0.0)],
@@ -69,7 +69,7 @@ def test_epoch_step_decay_is_steplr_per_epoch():
 
 
 def test_backbone_and_finetune_learning_rates_replace_only_their_groups(tmp_path: Path):
-    model = tiny_model()
+    model = fashion_model()
     recipe = ProtoPoolRecipe(
         output_dir=str(tmp_path), use_cpu=True, learning_rate=1e-3, backbone_learning_rate=5e-4,
         finetune_learning_rate=0.02,
@@ -95,7 +95,7 @@ def test_backbone_and_finetune_learning_rates_replace_only_their_groups(tmp_path
 
 
 def test_frozen_backbone_stages_keep_the_stem_and_first_stages_fixed_in_the_joint_phase(tmp_path: Path):
-    config = tiny_config(feature_stage=2, input_size=[3, 32, 32])
+    config = fashion_config(feature_stage=2, input_size=[3, 32, 32])
     train, _, _ = fashion_mnist(config, n_train=16)
     model = ProtoPoolForImageClassification(config)
     stem = {f"backbone.{name}" for name in leading_stage_parameters(model.backbone, 1)}

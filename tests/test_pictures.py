@@ -1,73 +1,28 @@
-"""Prototype pictures: geometry on real photos, heat maps, boxes, crops, files, gallery, errors."""
+"""protopool_hf.pictures on real photos: crops at the recorded patch, rendering, nearest patches, provenance errors."""
 
 import math
-from pathlib import Path
 
 import datasets
 import numpy as np
-import PIL.Image
 import pytest
 import torch
+from photo_fixtures import PHOTOS, SOURCES, give_provenance, photo_dataset, photo_model, reference_view
 
-from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
+from protopool_hf import ProtoPoolForImageClassification
 from protopool_hf.data import from_hf_dataset
-from protopool_hf.drawing import colormap_lut, heatmap_overlay
-from protopool_hf.gallery import class_view, prototype_gallery, save_prototype_images
-from protopool_hf.maps import high_activation_box, model_view, preprocess, prototype_activation, upsample_map
+from protopool_hf.gallery import prototype_gallery, save_prototype_images
+from protopool_hf.maps import preprocess
 from protopool_hf.pictures import (
-    GALLERY_FILE,
     PROTOTYPES_DIR,
     PrototypeImages,
     nearest_patches,
-    prototype_filenames,
     render_prototype,
     render_prototypes,
 )
 from protopool_hf.transforms import make_transforms
-from protopool_hf.usage import prototype_classes, used_prototypes
 
 
-PHOTOS = sorted((Path(__file__).parent / "data" / "photos").glob("*.jpg"))
-NAMES = ["bull mastiff", "strawberry", "drum", "bald eagle"]
 NUM_PROTOTYPES = 8
-# (image, feature row, feature column) of each prototype's source patch on the 5×5 map of test_resnet at 160 px.
-SOURCES = [(0, 1, 2), (1, 2, 4), (2, 3, 3), (3, 4, 1), (0, 4, 4), (1, 0, 0), (2, 2, 0), (3, 1, 3)]
-
-
-def photo_dataset() -> datasets.Dataset:
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=NAMES)})
-    return datasets.Dataset.from_dict({"image": [str(p) for p in PHOTOS], "label": [0, 1, 2, 3]}, features=features)
-
-
-def make_model(**overrides) -> ProtoPoolForImageClassification:
-    torch.manual_seed(0)
-    kwargs = {
-        "backbone": "test_resnet",
-        "num_labels": 4,
-        "num_prototypes": NUM_PROTOTYPES,
-        "num_slots_per_class": 2,
-        "prototype_dim": 16,
-        "id2label": dict(enumerate(NAMES)),
-    }
-    return ProtoPoolForImageClassification(ProtoPoolConfig(**{**kwargs, **overrides})).eval()
-
-
-def give_provenance(model: ProtoPoolForImageClassification, dataset, sources=SOURCES) -> None:
-    """What a projection leaves behind: prototype p is the latent patch at its recorded (image, row, col)."""
-    pixels = torch.cat([preprocess(dataset[i]["image"], model.config) for i in range(len(dataset))])
-    image, row, col = (torch.tensor(v) for v in zip(*sources, strict=True))
-    with torch.no_grad():
-        latent = model.latent_map(pixels)
-        model.head.prototypes.copy_(latent[image, :, row, col])
-        # Class c uses prototypes c and c + 4, so every prototype is used.
-        model.head.slot_logits.fill_(-5.0)
-        for c in range(4):
-            model.head.slot_logits[c, c, 0] = 5.0
-            model.head.slot_logits[c, c + 4, 1] = 5.0
-    labels = torch.tensor([dataset[int(i)]["label"] for i in image])
-    model.harden_assignment()
-    input_size = list(model.config.input_size)
-    model.set_projection_provenance(image, row, col, torch.zeros(len(sources)), labels, input_size=input_size)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +32,7 @@ def dataset() -> datasets.Dataset:
 
 @pytest.fixture(scope="module")
 def projected(dataset) -> ProtoPoolForImageClassification:
-    model = make_model()
+    model = photo_model()
     give_provenance(model, dataset)
     return model
 
@@ -85,142 +40,6 @@ def projected(dataset) -> ProtoPoolForImageClassification:
 @pytest.fixture(scope="module")
 def pictures(projected, dataset) -> dict[int, PrototypeImages]:
     return render_prototypes(projected, dataset)
-
-
-def reference_view(path: Path, size: int = 160, crop_pct: float = 0.95) -> np.ndarray:
-    """The eval geometry written out by hand: shortest edge to floor(size / crop_pct) (torchvision's antialiased
-    resize of uint8 pixels, as transformers' default image processor), then a centre crop at floored offsets."""
-    from torchvision.transforms.v2 import functional as tvF
-
-    image = PIL.Image.open(path).convert("RGB")
-    short = math.floor(size / crop_pct)
-    if image.width <= image.height:
-        new = (int(short * image.height / image.width), short)
-    else:
-        new = (short, int(short * image.width / image.height))
-    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
-    pixels = tvF.resize(pixels, list(new), interpolation=tvF.InterpolationMode.BILINEAR, antialias=True)
-    top, left = (new[0] - size) // 2, (new[1] - size) // 2
-    return pixels[:, top : top + size, left : left + size].permute(1, 2, 0).numpy()
-
-
-# --------------------------------------------------------------------------- geometry
-
-
-def test_photos_are_small_and_real():
-    assert len(PHOTOS) == 4
-    assert sum(p.stat().st_size for p in PHOTOS) < 1_000_000
-    sizes = {PIL.Image.open(p).size for p in PHOTOS}
-    assert (1024, 683) in sizes  # one non-square photo exercises the centre crop
-
-
-@pytest.mark.parametrize("index", range(4))
-def test_model_view_is_the_eval_resize_and_crop_in_true_colours(index):
-    config = make_model().config
-    view = model_view(PHOTOS[index], config)
-    assert view.mode == "RGB"
-    assert view.size == (160, 160)
-    np.testing.assert_array_equal(np.asarray(view), reference_view(PHOTOS[index]))
-
-
-def test_preprocess_is_bit_identical_to_the_eval_transform(dataset):
-    config = make_model().config
-    transform = make_transforms(config, train=False)
-    ours = torch.cat([preprocess(dataset[i]["image"], config) for i in range(4)])
-    batch = transform({"image": [str(p) for p in PHOTOS], "label": [0, 1, 2, 3]})
-    assert torch.equal(ours, batch["pixel_values"])
-
-
-def test_model_view_of_a_tensor_undoes_the_normalisation():
-    config = make_model().config
-    pixels = preprocess(PHOTOS[2], config)
-    assert pixels.shape == (1, 3, 160, 160)
-    back = np.asarray(model_view(pixels, config)).astype(int)
-    assert np.abs(back - np.asarray(model_view(PHOTOS[2], config)).astype(int)).max() <= 1
-    with pytest.raises(ValueError, match=r"\(3, H, W\)"):
-        model_view(torch.zeros(2, 3, 8, 8), config)
-
-
-def test_model_view_follows_projection_input_size(dataset):
-    model = make_model(input_size=[3, 224, 224])
-    give_provenance(model, dataset, [(i, 6 - i, i) for i in range(4)] * 2)
-    pictures = render_prototype(model, dataset, 3)
-    assert pictures.image.size == (224, 224)
-    assert pictures.activation.shape == (224, 224)
-
-
-# --------------------------------------------------------------------------- maps and boxes
-
-
-@pytest.mark.parametrize("index", [0, 2])
-def test_heat_map_has_the_model_view_size(projected, index):
-    activation = prototype_activation(projected, PHOTOS[index], 5)
-    view = model_view(PHOTOS[index], projected.config)
-    assert activation.shape == (view.height, view.width) == (160, 160)
-    assert activation.dtype == np.float32
-    overlay = heatmap_overlay(view, activation)
-    assert overlay.size == view.size
-
-
-def test_upsampling_keeps_a_constant_map_and_matches_the_feature_peak():
-    assert np.allclose(upsample_map(np.full((5, 5), 3.0), (160, 160)), 3.0)
-    peak = np.zeros((5, 5), dtype=np.float32)
-    peak[1, 3] = 1.0
-    up = upsample_map(peak, (160, 160))
-    r, c = np.unravel_index(up.argmax(), up.shape)
-    assert 32 <= r < 64
-    assert 96 <= c < 128
-
-
-def test_high_activation_box_is_the_official_percentile_rule():
-    activation = np.zeros((100, 80))
-    activation[10:30, 30:55] = 1.0  # 500 of 8000 pixels: more than 5 %, so the 95th percentile is 1
-    assert high_activation_box(activation, 95) == (10, 30, 30, 55)
-    activation[60, 5] = 1.0
-    assert high_activation_box(activation, 95) == (10, 61, 5, 55)
-    # Ties at the threshold count as above it (>=): with under 5 % of bright pixels the 0 background is selected.
-    small = np.zeros((100, 80))
-    small[10:20, 30:45] = 1.0
-    assert high_activation_box(small, 95) == (0, 100, 0, 80)
-    assert high_activation_box(small, 99) == (10, 20, 30, 45)
-    rng = np.random.default_rng(0)
-    noisy = rng.random((40, 40))
-    top, bottom, left, right = high_activation_box(noisy, 95)
-    mask = noisy >= np.percentile(noisy, 95)
-    assert mask[top:bottom, left:right].sum() == mask.sum()
-    assert mask[top].any() and mask[bottom - 1].any() and mask[:, left].any() and mask[:, right - 1].any()
-
-
-def test_high_activation_box_rejects_bad_maps():
-    with pytest.raises(ValueError, match="NaN"):
-        high_activation_box(np.full((4, 4), np.nan))
-    with pytest.raises(ValueError, match="2-D"):
-        high_activation_box(np.zeros(5))
-    with pytest.raises(ValueError, match="percentile"):
-        high_activation_box(np.zeros((4, 4)), 101)
-
-
-def test_jet_colour_map_and_overlay():
-    lut = colormap_lut()
-    assert lut.shape == (256, 3)
-    assert lut.dtype == np.uint8
-    assert tuple(lut[0]) == (0, 0, 128)  # dark blue
-    assert tuple(lut[-1]) == (128, 0, 0)  # dark red
-    assert lut[128, 1] > 200  # green in the middle
-    matplotlib = pytest.importorskip("matplotlib")
-    reference = np.rint(matplotlib.colormaps["jet"](np.linspace(0, 1, 256))[:, :3] * 255)
-    # OpenCV's JET (the official code's) puts its knots at multiples of 1/8; matplotlib's a little off them.
-    difference = np.abs(lut.astype(int) - reference)
-    assert difference.mean() < 8
-    assert difference.max() <= 40
-    assert colormap_lut("turbo").shape == (256, 3)
-    with pytest.raises(ValueError, match="colour map"):
-        colormap_lut("no-such-map")
-    image = PIL.Image.new("RGB", (6, 4), (200, 100, 50))
-    same = heatmap_overlay(image, np.zeros((4, 6)), image_weight=1.0, heat_weight=0.0)
-    assert np.array_equal(np.asarray(same), np.asarray(image))
-    with pytest.raises(ValueError, match="upsample"):
-        heatmap_overlay(image, np.zeros((5, 5)))
 
 
 # --------------------------------------------------------------------------- prototype pictures
@@ -296,7 +115,7 @@ def test_rows_are_found_through_the_index_column(projected, dataset):
 def test_real_projection_then_pictures(dataset):
     from protopool_hf.projection import project_prototypes
 
-    model = make_model()
+    model = photo_model()
     with torch.no_grad():
         model.head.slot_logits.fill_(-5.0)
         for c in range(4):
@@ -311,52 +130,6 @@ def test_real_projection_then_pictures(dataset):
         source = reference_view(PHOTOS[pic.image_index])
         top, bottom, left, right = pic.box
         np.testing.assert_array_equal(np.asarray(pic.crop), source[top:bottom, left:right])
-
-
-def test_save_prototype_images_writes_valid_pngs(projected, dataset, tmp_path):
-    paths = save_prototype_images(projected, dataset, tmp_path)
-    folder = tmp_path / PROTOTYPES_DIR
-    assert sorted(paths) == list(range(NUM_PROTOTYPES))
-    assert paths[7] == folder / "prototype_007.png"
-    expected = {Path(GALLERY_FILE).name} | {
-        name for p in range(NUM_PROTOTYPES) for name in prototype_filenames(p).values()
-    }
-    assert {f.name for f in folder.iterdir()} == expected
-    for file in folder.iterdir():
-        with PIL.Image.open(file) as image:
-            assert image.format == "PNG"
-            image.verify()
-    with PIL.Image.open(paths[3]) as crop:
-        top, bottom, left, right = render_prototype(projected, dataset, 3).box
-        assert crop.size == (right - left, bottom - top)
-
-
-def test_gallery_size_and_labels(projected, pictures):
-    gallery = prototype_gallery(projected, pictures=pictures, columns=3, thumb_size=64)
-    tile_width = 2 * 64 + 6  # overlay and crop, 6 px apart
-    assert gallery.width == 2 * 16 + 3 * tile_width + 2 * 16
-    rows = math.ceil(NUM_PROTOTYPES / 3)
-    assert gallery.height > rows * 64 + (rows - 1) * 16
-    one_row = prototype_gallery(projected, pictures=pictures, columns=NUM_PROTOTYPES, thumb_size=64)
-    assert one_row.width == 2 * 16 + NUM_PROTOTYPES * tile_width + (NUM_PROTOTYPES - 1) * 16
-    assert one_row.height < gallery.height
-
-
-def test_gallery_skips_unused_prototypes(dataset):
-    model = make_model(num_prototypes=9)
-    give_provenance(model, dataset, [*SOURCES, (0, 0, 0)])  # prototype 8: projected, but no slot uses it
-    assert used_prototypes(model) == list(range(8))
-    assert prototype_classes(model)[8] == []
-    gallery = prototype_gallery(model, dataset, columns=9, thumb_size=32)
-    assert gallery.width == 2 * 16 + 8 * (2 * 32 + 6) + 7 * 16
-
-
-def test_class_view_shows_the_class_slots(projected, dataset, pictures):
-    view = class_view(projected, None, 2, pictures=pictures, thumb_size=64, columns=5)
-    assert view.width == 2 * 16 + 2 * (2 * 64 + 6) + 16  # S = 2 slots in one row
-    assert class_view(projected, dataset, 2, thumb_size=64).size == view.size
-    with pytest.raises(ValueError, match=r"class_id must be an int in \[0, 4\)"):
-        class_view(projected, dataset, 4)
 
 
 def test_nearest_patches_starts_with_the_projection_patch(projected, dataset):
@@ -380,7 +153,7 @@ def test_nearest_patches_starts_with_the_projection_patch(projected, dataset):
 
 
 def test_unprojected_model_says_to_project_first(dataset, tmp_path):
-    model = make_model()
+    model = photo_model()
     for call in (
         lambda: render_prototype(model, dataset, 0),
         lambda: save_prototype_images(model, dataset, tmp_path),
@@ -392,7 +165,7 @@ def test_unprojected_model_says_to_project_first(dataset, tmp_path):
 
 
 def test_prototype_without_provenance(projected, dataset):
-    model = make_model()
+    model = photo_model()
     give_provenance(model, dataset)
     index = model.head.projection_image_index.clone()
     index[5] = -1
@@ -421,7 +194,7 @@ def test_wrong_dataset_is_caught_by_the_content_check(projected, dataset):
 
 
 def test_dataset_name_mismatch_warns(dataset):
-    model = make_model()
+    model = photo_model()
     give_provenance(model, dataset)
     model.config.projection_dataset = "cub200"
     named = from_hf_dataset(photo_dataset(), name="photos")

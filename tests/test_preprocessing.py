@@ -8,25 +8,18 @@ import textwrap
 import datasets
 import numpy as np
 import PIL.Image
+import protopool_tiny
 import pytest
 import torch
 from transformers import AutoImageProcessor, BitImageProcessor
 
-from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification, push_to_hub
+from protopool_hf import ProtoPoolForImageClassification, push_to_hub
 from protopool_hf.data import from_hf_dataset
 from protopool_hf.maps import preprocess
 from protopool_hf.preprocessing import EvalTransform, eval_data_config, image_processor_dict
 from protopool_hf.transforms import make_transforms
 
 
-TINY = {
-    "backbone": "test_resnet",
-    "feature_stage": 1,
-    "num_labels": 3,
-    "num_prototypes": 6,
-    "num_slots_per_class": 2,
-    "prototype_dim": 8,
-}
 # (H_0, W_0): odd and even margins, portrait and landscape, one-pixel-thin, square.
 IMAGE_SIZES = [(63, 64), (64, 63), (101, 37), (37, 101), (200, 120), (120, 200), (1, 50), (50, 1), (64, 64), (77, 77)]
 PREPROCESSING = {
@@ -38,8 +31,7 @@ PREPROCESSING = {
 
 
 def saved_model(folder, **preprocessing) -> ProtoPoolForImageClassification:
-    torch.manual_seed(0)
-    model = ProtoPoolForImageClassification(ProtoPoolConfig(**TINY, **preprocessing)).eval()
+    model = protopool_tiny.tiny_model(0, feature_stage=1, **preprocessing).eval()
     model.save_pretrained(folder)
     return model
 
@@ -178,7 +170,7 @@ def test_bad_preprocessing_is_refused_with_the_field_named():
     with pytest.raises(ValueError, match=r"input_size must be \(3, H, W\)"):
         eval_data_config(base | {"input_size": (3, 32)})
     with pytest.raises(ValueError, match="`interpolation` must be one of"):
-        ProtoPoolConfig(**TINY, interpolation="hamming")
+        protopool_tiny.tiny_config(interpolation="hamming")
     with pytest.raises(ValueError, match="A model view must be"):
         EvalTransform(base).normalise(PIL.Image.new("RGB", (31, 32)))
 

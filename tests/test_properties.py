@@ -23,7 +23,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
+from protopool_hf import ProtoPoolConfig
 from protopool_hf.layers import focal_similarity, slot_assignment
 from protopool_hf.losses import (
     LossWeights,
@@ -37,7 +37,6 @@ from protopool_hf.losses import (
 from protopool_hf.modeling_protopool import ProtoPoolHead
 
 
-TINY = {"backbone": "test_resnet", "num_labels": 3, "num_prototypes": 6, "num_slots_per_class": 2, "prototype_dim": 8}
 FAST = {"deadline": None, "database": None, "derandomize": True, "suppress_health_check": [HealthCheck.too_slow]}
 TOLERANCE = 1e-5
 
@@ -99,9 +98,9 @@ ALSO_NAMED = {"id2label": ("num_labels",)}
         lambda chosen: st.fixed_dictionaries({name: FIELDS[name] for name in chosen})
     )
 )
-def test_config_is_valid_or_a_value_error_naming_a_field(changes):
+def test_config_is_valid_or_a_value_error_naming_a_field(tiny_config, changes):
     try:
-        config = ProtoPoolConfig(**{**TINY, **changes})
+        config = tiny_config(**changes)
     except ValueError as error:
         message = str(error)
     else:
@@ -276,17 +275,16 @@ def test_focal_similarity_lies_between_zero_and_log_one_over_epsilon(n, c, s, p,
     st.sampled_from([64, 72, 96]),
     st.sampled_from([64, 80]),
 )
-def test_whole_model_invariants(backbone, batch, classes, slots, extra_prototypes, dim, height, width):
-    config = ProtoPoolConfig(
+def test_whole_model_invariants(tiny_model, backbone, batch, classes, slots, extra_prototypes, dim, height, width):
+    model = tiny_model(
         backbone=backbone,
         num_labels=classes,
         num_prototypes=slots + extra_prototypes,
         num_slots_per_class=slots,
         prototype_dim=dim,
         input_size=[3, height, width],
-    )
-    torch.manual_seed(0)
-    model = ProtoPoolForImageClassification(config).eval()
+    ).eval()
+    config = model.config
     x = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(batch))
     with torch.no_grad():
         out = model(x)

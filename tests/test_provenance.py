@@ -29,7 +29,7 @@ from protopool_hf.provenance import (
 
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from protopool_tiny import tiny_config
+from protopool_tiny import fashion_config
 
 
 FASHION = Path(__file__).parent / "data" / "fashion-mnist"
@@ -195,7 +195,7 @@ def projected_folder(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     labels = dict(enumerate(FASHION_MNIST_LABELS))
     model = ProtoPoolForImageClassification(
-        tiny_config(id2label=labels, label2id={name: i for i, name in labels.items()})
+        fashion_config(id2label=labels, label2id={name: i for i, name in labels.items()})
     )
     model.save_pretrained(root / "trained")
     argv = ["project", str(root / "trained"), "--dataset", "fashion-mnist", "--data-root", str(FASHION)]

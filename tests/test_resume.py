@@ -51,18 +51,12 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path):
         assert (killed_dir / phase / "phase_complete.json").is_file()
 
 
-def tiny_stage_model() -> torch.nn.Module:
-    from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
-
-    torch.manual_seed(0)
-    config = ProtoPoolConfig(backbone="test_resnet", num_labels=2, num_prototypes=4, num_slots_per_class=1)
-    return ProtoPoolForImageClassification(config)
-
-
-def test_a_stage_save_cut_short_is_repaired_and_a_failed_one_leaves_the_old_model(tmp_path: Path, monkeypatch):
+def test_a_stage_save_cut_short_is_repaired_and_a_failed_one_leaves_the_old_model(
+    tmp_path: Path, monkeypatch, tiny_model
+):
     from protopool_hf.resume import MARKER, load_stage_model, mark_stage_finished, save_stage_model
 
-    model = tiny_stage_model()
+    model = tiny_model()
     save_stage_model(model, tmp_path, "warmup")
     final = tmp_path / "warmup" / "final"
     saved = load_file(final / "model.safetensors")
@@ -80,7 +74,7 @@ def test_a_stage_save_cut_short_is_repaired_and_a_failed_one_leaves_the_old_mode
     assert sorted(p.name for p in final.parent.iterdir()) == ["final"]  # nothing half-written left beside it
     kept = load_file(final / "model.safetensors")
     torch.testing.assert_close(kept, saved, rtol=0, atol=0, equal_nan=True)  # unprojected provenance is NaN
-    load_stage_model(tiny_stage_model(), final)  # a resumed run can load it
+    load_stage_model(tiny_model(), final)  # a resumed run can load it
 
     mark_stage_finished(tmp_path, "warmup", {"eval_accuracy": 0.5, "path": tmp_path})
     marker = tmp_path / "warmup" / MARKER

@@ -5,7 +5,7 @@ import runpy
 from importlib.metadata import version
 
 import pytest
-from explorer_model import NAMES, PHOTOS, unprojected_folder
+from photo_fixtures import NAMES, PHOTOS, unprojected_folder
 
 from protopool_hf.cli import main
 from protopool_hf.space import MODEL_ENV, write_space

@@ -19,7 +19,7 @@ from protopool_hf.transforms import collate_fn
 
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from protopool_tiny import changed, fashion_mnist, snapshot, tiny_config, tiny_model, trainer_args
+from protopool_tiny import changed, fashion_config, fashion_mnist, fashion_model, snapshot, trainer_args
 
 
 def test_mixup_draws_depend_only_on_seed_and_keys():
@@ -36,9 +36,9 @@ def test_mixup_draws_depend_only_on_seed_and_keys():
 
 
 def test_warmup_trains_no_backbone_parameter_and_joint_does(tmp_path: Path):
-    config = tiny_config()
+    config = fashion_config()
     train, val, _ = fashion_mnist(config, n_train=16, n_val=8)
-    model = tiny_model()
+    model = fashion_model()
     start = snapshot(model)
 
     warmup = ProtoPoolTrainer(
@@ -107,10 +107,10 @@ def test_warmup_trains_no_backbone_parameter_and_joint_does(tmp_path: Path):
 
 
 def test_trainer_loss_with_and_without_mixup(tmp_path: Path):
-    config = tiny_config()
+    config = fashion_config()
     train, _, _ = fashion_mnist(config, n_train=8)
     batch = collate_fn([train[i] for i in range(8)])
-    model = tiny_model()
+    model = fashion_model()
 
     def loss_of(trainer, training: bool) -> torch.Tensor:
         model.train(training)
@@ -157,7 +157,7 @@ def test_trainer_loss_with_and_without_mixup(tmp_path: Path):
 
 def test_fine_tuning_loss_is_the_model_loss_under_the_recipe_weights(tmp_path: Path):
     """CE + l1_weight·L1 comes from the config's weights, not from the trainer: the logs show the loss's terms."""
-    config = tiny_config(**ProtoPoolRecipe().phase_loss_weights("finetune"))
+    config = fashion_config(**ProtoPoolRecipe().phase_loss_weights("finetune"))
     train, _, _ = fashion_mnist(config, n_train=16)
     torch.manual_seed(0)
     model = ProtoPoolForImageClassification(config)
@@ -187,7 +187,7 @@ def test_fine_tuning_loss_is_the_model_loss_under_the_recipe_weights(tmp_path: P
 
 def test_the_model_loss_stays_float32_under_bf16_autocast():
     """Mixed or not, the loss is computed in float32 inside the forward, as it was outside it before."""
-    model = tiny_model()
+    model = fashion_model()
     pixels, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     for mixup in ({}, {"mixup_labels": labels.flip(0), "mixup_lambda": 0.3}):
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -22,11 +22,11 @@ from protopool_hf.transforms import collate_fn
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from protopool_tiny import (
     assert_state_dicts_equal,
+    fashion_config,
     fashion_mnist,
     fashion_mnist_test,
+    fashion_model,
     snapshot,
-    tiny_config,
-    tiny_model,
 )
 
 
@@ -73,10 +73,10 @@ class InterruptAt(TrainerCallback):
 
 
 def test_recipe_interrupted_and_resumed_equals_uninterrupted(tmp_path: Path):
-    config = tiny_config()
+    config = fashion_config()
     train, val, plain = fashion_mnist(config, n_train=16, n_val=8)
 
-    full = train_protopool(tiny_model(seed=0), train, val, plain, tiny_recipe(tmp_path / "full"))
+    full = train_protopool(fashion_model(seed=0), train, val, plain, tiny_recipe(tmp_path / "full"))
     expected = snapshot(full.model)
     assert full.model.is_assignment_hard
     assert set(full.metrics) == {"warmup", "joint", "finetune"}
@@ -84,16 +84,18 @@ def test_recipe_interrupted_and_resumed_equals_uninterrupted(tmp_path: Path):
     # Interrupted in the middle of the joint phase's second epoch (16 images, batch 8: steps 0-3, checkpoint-3).
     run = tmp_path / "interrupted"
     with pytest.raises(InterruptError):
-        train_protopool(tiny_model(seed=0), train, val, plain, tiny_recipe(run), callbacks=[InterruptAt("joint", 3)])
+        train_protopool(
+            fashion_model(seed=0), train, val, plain, tiny_recipe(run), callbacks=[InterruptAt("joint", 3)]
+        )
     assert (run / "warmup" / "phase_complete.json").is_file()
     assert not (run / "joint" / "phase_complete.json").exists()
     with pytest.raises(ValueError, match="resume_from_checkpoint=True"):
-        train_protopool(tiny_model(seed=0), train, val, plain, tiny_recipe(run))
-    resumed = train_protopool(tiny_model(seed=1), train, val, plain, tiny_recipe(run), resume_from_checkpoint=True)
+        train_protopool(fashion_model(seed=0), train, val, plain, tiny_recipe(run))
+    resumed = train_protopool(fashion_model(seed=1), train, val, plain, tiny_recipe(run), resume_from_checkpoint=True)
     assert_state_dicts_equal(snapshot(resumed.model), expected)
 
     # A finished run resumed again trains nothing and returns the same model; the saved folder loads.
-    again = train_protopool(tiny_model(seed=2), train, val, plain, tiny_recipe(run), resume_from_checkpoint=True)
+    again = train_protopool(fashion_model(seed=2), train, val, plain, tiny_recipe(run), resume_from_checkpoint=True)
     assert_state_dicts_equal(snapshot(again.model), expected)
     loaded = ProtoPoolForImageClassification.from_pretrained(run)
     assert_state_dicts_equal(snapshot(loaded), expected)
@@ -122,13 +124,13 @@ class RecordLossWeights(TrainerCallback):
 
 
 def test_each_phase_trains_the_model_loss_with_the_recipe_loss_weights(tmp_path: Path):
-    config = tiny_config()
+    config = fashion_config()
     train, _, plain = fashion_mnist(config, n_train=8)
     main = (config.cluster_weight, config.separation_weight, config.orthogonality_weight, config.l1_weight)
     record = RecordLossWeights()
     recipe = tiny_recipe(tmp_path / "run", joint_epochs=1, eval_strategy="no", save_strategy="steps", save_steps=1)
     with pytest.warns(UserWarning, match="no image of their classes"):  # 8 images do not cover the 10 classes
-        result = train_protopool(tiny_model(seed=0), train, None, plain, recipe, callbacks=[record])
+        result = train_protopool(fashion_model(seed=0), train, None, plain, recipe, callbacks=[record])
     assert record.weights == {"warmup": {main}, "joint": {main}, "finetune": {(0.0, 0.0, 0.0, config.l1_weight)}}
     assert record.logged["joint"] == {"cross_entropy", "cluster", "separation", "orthogonality", "l1"}
     assert record.logged["finetune"] == {"cross_entropy", "l1"}
@@ -142,7 +144,7 @@ def test_each_phase_trains_the_model_loss_with_the_recipe_loss_weights(tmp_path:
 
 def test_train_protopool_checks_its_arguments(tmp_path: Path):
     recipe = ProtoPoolRecipe(output_dir=str(tmp_path), use_cpu=True)
-    model = tiny_model()
+    model = fashion_model()
     with pytest.raises(ValueError, match="projection_dataset"):
         train_protopool(model, [{}], None, None, recipe)
     (tmp_path / "joint").mkdir()
@@ -152,7 +154,7 @@ def test_train_protopool_checks_its_arguments(tmp_path: Path):
 
 def recipe_on_fashion_mnist(tmp_path: Path, n_train: int, joint_epochs: int, finetune_epochs: int, **config) -> float:
     """Train on the committed Fashion-MNIST slice (un-augmented, no mixup); the test accuracy of the saved model."""
-    config = tiny_config(**config)
+    config = fashion_config(**config)
     _, val, plain = fashion_mnist(config, n_train=n_train, n_val=100)
     recipe = tiny_recipe(
         tmp_path,
@@ -278,3 +280,30 @@ def test_two_process_ddp_recipe_keeps_replicas_equal(tmp_path: Path):
     assert reports[0]["stem_moved_in_joint"] is False  # frozen_backbone_stages=1 keeps it fixed under DDP too
     model = ProtoPoolForImageClassification.from_pretrained(tmp_path / "run")
     assert model.is_assignment_hard
+
+
+@pytest.mark.filterwarnings("ignore:Prototypes .* are used by class slots")  # 16 images do not cover every class
+def test_two_cpu_runs_with_the_same_seed_give_identical_weights(tmp_path):
+    config = fashion_config()
+    train, _, plain = fashion_mnist(config, n_train=16)
+    weights = []
+    for run in ("first", "second"):
+        recipe = ProtoPoolRecipe(
+            output_dir=str(tmp_path / run),
+            warmup_epochs=1,  # 16 images in batches of 8: two warm-up steps, two joint steps, the projection
+            joint_epochs=1,
+            finetune_epochs=0,
+            train_batch_size=8,
+            projection_batch_size=16,
+            save_strategy="no",
+            eval_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        result = train_protopool(fashion_model(seed=0), train, None, plain, recipe)
+        weights.append({k: v.detach().clone() for k, v in result.model.state_dict().items()})
+    assert weights[0].keys() == weights[1].keys()
+    for name, value in weights[0].items():  # exactly equal; NaN marks prototypes the projection did not move
+        torch.testing.assert_close(weights[1][name], value, rtol=0, atol=0, equal_nan=True, msg=name)
+    initial = fashion_model(seed=0).state_dict()
+    assert not torch.equal(weights[0]["head.add_on.0.weight"], initial["head.add_on.0.weight"])  # it did train

@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 
 sys.path.insert(0, str(Path(__file__).parent))
-from protopool_tiny import fashion_mnist, tiny_config, tiny_model
+from protopool_tiny import fashion_config, fashion_mnist, fashion_model
 
 from protopool_hf.backbone import leading_stage_parameters
 from protopool_hf.recipe import ProtoPoolRecipe
@@ -89,7 +89,7 @@ def stem(model: torch.nn.Module) -> torch.Tensor:
 def main() -> None:
     out = Path(sys.argv[1])
     torch.set_num_threads(1)
-    config = tiny_config()
+    config = fashion_config()
     train, val, plain = fashion_mnist(config, n_train=32, n_val=16)
     recipe = ProtoPoolRecipe(
         output_dir=str(out / "run"),
@@ -105,7 +105,7 @@ def main() -> None:
         frozen_backbone_stages=1,
     )
     check = ReplicaCheck()
-    result = train_protopool(tiny_model(seed=dist.get_rank() if dist.is_initialized() else 0), train, val, plain,
+    result = train_protopool(fashion_model(seed=dist.get_rank() if dist.is_initialized() else 0), train, val, plain,
                              recipe, callbacks=[check])  # fmt: skip
     check._compare("recipe:end", result.model)
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from protopool_tiny import tiny_model
 from torch.utils.data import DataLoader, DistributedSampler
 
-from protopool_hf import ProtoPoolConfig, ProtoPoolForImageClassification
+from protopool_hf import ProtoPoolForImageClassification
 from protopool_hf.projection import project_prototypes
 
 
@@ -34,16 +35,7 @@ def build_model() -> ProtoPoolForImageClassification:
 
 @functools.cache
 def _base_model() -> ProtoPoolForImageClassification:
-    torch.manual_seed(0)
-    config = ProtoPoolConfig(
-        backbone="test_resnet",
-        num_labels=len(CLASS_PROTOTYPES),
-        num_prototypes=NUM_PROTOTYPES,
-        num_slots_per_class=2,
-        prototype_dim=8,
-        input_size=INPUT_SIZE,
-    )
-    model = ProtoPoolForImageClassification(config)
+    model = tiny_model(0, num_labels=len(CLASS_PROTOTYPES), num_prototypes=NUM_PROTOTYPES, input_size=INPUT_SIZE)
     with torch.no_grad():
         model.head.slot_logits.zero_()
         for label, prototypes in enumerate(CLASS_PROTOTYPES):

@@ -18,29 +18,53 @@ from protopool_hf.transforms import make_transforms
 FASHION_MNIST = Path(__file__).resolve().parents[1] / "data" / "fashion-mnist"
 
 
+# The suite's one tiny model: test_resnet (a few thousand parameters), 3 classes, 6 prototypes, 2 slots per class,
+# 8-dimensional prototypes; the config's own input size and preprocessing. Every test that needs a generic tiny model
+# builds it here (through conftest's `tiny_config` / `tiny_model` fixtures); tests that need a special construction
+# (a known slot assignment, provenance, another backbone or size) pass overrides and change the model afterwards.
+TINY: dict[str, Any] = {
+    "backbone": "test_resnet",
+    "num_labels": 3,
+    "num_prototypes": 6,
+    "num_slots_per_class": 2,
+    "prototype_dim": 8,
+}
+# The shape the training tests run on the committed Fashion-MNIST slice: test_resnet cut after its first stage, an 8×8
+# latent map at 32×32 px, ~28k parameters.
+FASHION: dict[str, Any] = {
+    "feature_stage": 1,
+    "num_labels": 10,
+    "num_prototypes": 20,
+    "num_slots_per_class": 3,
+    "prototype_dim": 16,
+    "input_size": [3, 32, 32],
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "interpolation": "bilinear",
+    "crop_pct": 1.0,
+    "gumbel_scale_epochs": 4,
+}
+
+
 def tiny_config(**overrides: Any) -> ProtoPoolConfig:
-    """test_resnet cut after its first stage: an 8×8 latent map at 32×32 px, ~28k parameters."""
-    kwargs = {
-        "backbone": "test_resnet",
-        "feature_stage": 1,
-        "num_labels": 10,
-        "num_prototypes": 20,
-        "num_slots_per_class": 3,
-        "prototype_dim": 16,
-        "input_size": [3, 32, 32],
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
-        "interpolation": "bilinear",
-        "crop_pct": 1.0,
-        "gumbel_scale_epochs": 4,
-    }
-    kwargs.update(overrides)
-    return ProtoPoolConfig(**kwargs)
+    """The tiny config (`TINY`) with `overrides` applied."""
+    return ProtoPoolConfig(**{**TINY, **overrides})
 
 
 def tiny_model(seed: int = 0, **overrides: Any) -> ProtoPoolForImageClassification:
+    """A tiny model initialised under `torch.manual_seed(seed)`, in training mode, as `from_config` returns it."""
     torch.manual_seed(seed)
     return ProtoPoolForImageClassification(tiny_config(**overrides))
+
+
+def fashion_config(**overrides: Any) -> ProtoPoolConfig:
+    """The tiny config in the Fashion-MNIST training shape (`FASHION`) with `overrides` applied."""
+    return tiny_config(**{**FASHION, **overrides})
+
+
+def fashion_model(seed: int = 0, **overrides: Any) -> ProtoPoolForImageClassification:
+    """`tiny_model` in the Fashion-MNIST training shape."""
+    return tiny_model(seed, **{**FASHION, **overrides})
 
 
 def fashion_mnist(

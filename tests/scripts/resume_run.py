@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 
 
 sys.path.insert(0, str(Path(__file__).parent))
-from protopool_tiny import fashion_mnist, tiny_config, tiny_model
+from protopool_tiny import fashion_config, fashion_mnist, fashion_model
 
 from protopool_hf.recipe import ProtoPoolRecipe
 from protopool_hf.training import train_protopool
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     options = parser.parse_args()
     torch.set_num_threads(1)
-    config = tiny_config()
+    config = fashion_config()
     train, val, plain = fashion_mnist(config, n_train=16, n_val=8)
     recipe = ProtoPoolRecipe(
         output_dir=options.output_dir,
@@ -70,7 +70,7 @@ def main() -> None:
     )
     callbacks = [KillAt(options.kill_phase, options.kill_step)] if options.kill_phase else []
     # A resumed run starts from a differently initialised model: everything must come from the checkpoints.
-    model = tiny_model(seed=1 if options.resume else 0)
+    model = fashion_model(seed=1 if options.resume else 0)
     train_protopool(model, train, val, plain, recipe, callbacks=callbacks, resume_from_checkpoint=options.resume)
 
 

@@ -19,7 +19,18 @@ __all__ = ["UnreadableImageError", "decode_image", "decode_row", "to_rgb"]
 
 
 class UnreadableImageError(OSError):
-    """An image file (or stored image) that cannot be decoded; the message names it."""
+    """An image file (or stored image) that cannot be decoded; the message names it.
+
+    Example:
+        ```python
+        >>> from protopool_hf.images import UnreadableImageError, decode_image
+        >>> decode_image(b"not an image", name="row 3")
+        Traceback (most recent call last):
+        ...
+        protopool_hf.images.UnreadableImageError: Cannot read image row 3: ...
+
+        ```
+    """
 
 
 # --------------------------------------------------------------------------- colour

@@ -279,8 +279,29 @@ def test_app_command_serves_the_explorer(folder):
 # ---------------------------------------------------------------------------- a real browser
 # Headless Chromium (Debian's `chromium` and `chromium-driver`, driven by selenium) uploads an image, waits for the
 # explanation, checks the picture and the class list, visits every tab and saves screenshots: into a temporary folder,
-# or into $PROTOPOOL_APP_SCREENSHOTS (docs/images/app for the docs page).
+# or into $PROTOPOOL_APP_SCREENSHOTS (docs/images/app for the docs page). $PROTOPOOL_APP_MODEL serves another model folder
+# in the browser (the docs' screenshots come from the demo's: after `make demo` and `protopool-hf evaluate`,
+# PROTOPOOL_APP_MODEL=demo-output/model PROTOPOOL_APP_SCREENSHOTS=docs/images/app pytest tests/test_app.py -k browser).
 SCREENSHOTS_ENV = "PROTOPOOL_APP_SCREENSHOTS"
+MODEL_ENV = "PROTOPOOL_APP_MODEL"
+
+
+@pytest.fixture(scope="module")
+def browsed(served):
+    """What the browser test drives: the tiny model's explorer, or the one of the folder $PROTOPOOL_APP_MODEL names."""
+    import os
+
+    if not os.environ.get(MODEL_ENV):
+        yield served
+        return
+    folder = Path(os.environ[MODEL_ENV])
+    app = build_app(folder)
+    port = free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield Served(f"http://127.0.0.1:{port}/", folder)
+    finally:
+        app.close()
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +326,8 @@ def browser():
         driver.quit()
 
 
-def test_the_page_in_a_browser(browser, served, tmp_path):
+def test_the_page_in_a_browser(browser, browsed, tmp_path):
+    served = browsed
     import os
 
     from selenium.webdriver.common.by import By
@@ -336,7 +358,8 @@ def test_the_page_in_a_browser(browser, served, tmp_path):
     browser.get(served.url)
     upload(PHOTOS[0])
     wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#explanation img"))
-    wait.until(lambda _: sum(name in text_of("#top-classes") for name in NAMES) >= 2)
+    names = Explorer.load(served.folder).labels
+    wait.until(lambda _: sum(name in text_of("#top-classes") for name in names) >= 2)
     assert "Why" in text_of("#summary") and "Logit" in text_of("#summary")
     picture = browser.find_element(By.CSS_SELECTOR, "#explanation img")
     assert picture.size["width"] > 100 and picture.size["height"] > 100

@@ -76,9 +76,9 @@ def _files(folder: Path) -> dict[str, tuple[bytes, int]]:
     }
 
 
-def test_evaluate_refreshes_the_card_of_the_model_folder(tmp_path, capsys):
+def test_evaluate_refreshes_the_card_of_the_model_folder(tiny_model, tmp_path, capsys):
     # A folder as train writes it, whose card names a dataset and holds the user's own notes, and a picture.
-    folder = save_tiny_model(tmp_path / "model")
+    folder = save_tiny_model(tmp_path / "model", tiny_model)
     model = ProtoPoolForImageClassification.from_pretrained(folder)
     save_model_folder(model, folder, dataset_name="zalando-datasets/fashion_mnist")
     (folder / "README.md").write_text((folder / "README.md").read_text() + "\n## My notes\n\nTrained on a laptop.\n")
@@ -107,8 +107,8 @@ def test_evaluate_refreshes_the_card_of_the_model_folder(tmp_path, capsys):
     }  # weights, config and pictures neither rewritten nor touched
 
 
-def test_evaluate_with_out_elsewhere_leaves_the_card_alone(tmp_path, capsys):
-    folder = save_tiny_model(tmp_path / "model")
+def test_evaluate_with_out_elsewhere_leaves_the_card_alone(tiny_model, tmp_path, capsys):
+    folder = save_tiny_model(tmp_path / "model", tiny_model)
     save_model_folder(ProtoPoolForImageClassification.from_pretrained(folder), folder)
     before = _files(folder)
     argv = ["evaluate", str(folder), "--dataset", "fashion-mnist", "--data-root", str(FASHION_MNIST), *FAST]

@@ -142,3 +142,30 @@ def hub_endpoint(hub_server: HubServer) -> str:
 
 
 # ---- end of hub_endpoint ---------------------------------------------------------------------------------------------
+
+
+# ---- the projected photo model: explanation, maps, pictures and gallery tests share it (tests/photo_fixtures.py) ----
+@pytest.fixture(scope="module")
+def dataset():
+    """The test photos as a `datasets.Dataset` (image, label); a test file may define its own `dataset` instead."""
+    from photo_fixtures import photo_dataset
+
+    return photo_dataset()
+
+
+@pytest.fixture(scope="module")
+def projected(dataset):
+    """`photo_model()` with every used prototype's provenance set on `dataset` (a known source per prototype)."""
+    from photo_fixtures import give_provenance, photo_model
+
+    model = photo_model()
+    give_provenance(model, dataset)
+    return model
+
+
+@pytest.fixture(scope="module")
+def pictures(projected, dataset):
+    """`render_prototypes(projected, dataset)`: every prototype's pictures, the four photos in one batch."""
+    from protopool_hf.pictures import render_prototypes
+
+    return render_prototypes(projected, dataset)

@@ -3,15 +3,13 @@
 import json
 import math
 
-import datasets
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import pytest
 import torch
-from photo_fixtures import NAMES, PHOTOS, give_provenance, photo_dataset, photo_model
+from photo_fixtures import NAMES, PHOTOS, give_provenance, photo_model
 
-from protopool_hf import ProtoPoolForImageClassification
 from protopool_hf.explanation import Explanation, explain
 from protopool_hf.gallery import save_prototype_images
 from protopool_hf.maps import model_view, preprocess, prototype_activation
@@ -19,18 +17,6 @@ from protopool_hf.pictures import render_prototypes
 
 
 NUM_SLOTS = 2  # photo_model's slots per class
-
-
-@pytest.fixture(scope="module")
-def dataset() -> datasets.Dataset:
-    return photo_dataset()
-
-
-@pytest.fixture(scope="module")
-def projected(dataset) -> ProtoPoolForImageClassification:
-    model = photo_model()
-    give_provenance(model, dataset)
-    return model
 
 
 def model_outputs(model, image):

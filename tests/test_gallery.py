@@ -3,42 +3,21 @@
 import math
 from pathlib import Path
 
-import datasets
 import PIL.Image
 import pytest
-from photo_fixtures import SOURCES, give_provenance, photo_dataset, photo_model
+from photo_fixtures import SOURCES, give_provenance, photo_model
 
-from protopool_hf import ProtoPoolForImageClassification
 from protopool_hf.gallery import class_view, prototype_gallery, save_prototype_images
 from protopool_hf.pictures import (
     GALLERY_FILE,
     PROTOTYPES_DIR,
-    PrototypeImages,
     prototype_filenames,
     render_prototype,
-    render_prototypes,
 )
 from protopool_hf.usage import prototype_classes, used_prototypes
 
 
 NUM_PROTOTYPES = 8
-
-
-@pytest.fixture(scope="module")
-def dataset() -> datasets.Dataset:
-    return photo_dataset()
-
-
-@pytest.fixture(scope="module")
-def projected(dataset) -> ProtoPoolForImageClassification:
-    model = photo_model()
-    give_provenance(model, dataset)
-    return model
-
-
-@pytest.fixture(scope="module")
-def pictures(projected, dataset) -> dict[int, PrototypeImages]:
-    return render_prototypes(projected, dataset)
 
 
 def test_save_prototype_images_writes_valid_pngs(projected, dataset, tmp_path):

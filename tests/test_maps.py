@@ -1,29 +1,15 @@
 """protopool_hf.maps on real photos: the model view, preprocessing, heat maps, upsampling, high-activation boxes."""
 
-import datasets
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from photo_fixtures import PHOTOS, give_provenance, photo_dataset, photo_model, reference_view
+from photo_fixtures import PHOTOS, give_provenance, photo_model, reference_view
 
-from protopool_hf import ProtoPoolForImageClassification
 from protopool_hf.data import make_transforms
 from protopool_hf.drawing import heatmap_overlay
 from protopool_hf.maps import high_activation_box, model_view, preprocess, prototype_activation, upsample_map
 from protopool_hf.pictures import render_prototype
-
-
-@pytest.fixture(scope="module")
-def dataset() -> datasets.Dataset:
-    return photo_dataset()
-
-
-@pytest.fixture(scope="module")
-def projected(dataset) -> ProtoPoolForImageClassification:
-    model = photo_model()
-    give_provenance(model, dataset)
-    return model
 
 
 def test_photos_are_small_and_real():

@@ -2,19 +2,16 @@
 
 import math
 
-import datasets
 import numpy as np
 import pytest
 import torch
 from photo_fixtures import PHOTOS, SOURCES, give_provenance, photo_dataset, photo_model, reference_view
 
-from protopool_hf import ProtoPoolForImageClassification
 from protopool_hf.data import from_hf_dataset
 from protopool_hf.gallery import prototype_gallery, save_prototype_images
 from protopool_hf.maps import preprocess
 from protopool_hf.pictures import (
     PROTOTYPES_DIR,
-    PrototypeImages,
     nearest_patches,
     render_prototype,
     render_prototypes,
@@ -23,23 +20,6 @@ from protopool_hf.transforms import make_transforms
 
 
 NUM_PROTOTYPES = 8
-
-
-@pytest.fixture(scope="module")
-def dataset() -> datasets.Dataset:
-    return photo_dataset()
-
-
-@pytest.fixture(scope="module")
-def projected(dataset) -> ProtoPoolForImageClassification:
-    model = photo_model()
-    give_provenance(model, dataset)
-    return model
-
-
-@pytest.fixture(scope="module")
-def pictures(projected, dataset) -> dict[int, PrototypeImages]:
-    return render_prototypes(projected, dataset)
 
 
 # --------------------------------------------------------------------------- prototype pictures

@@ -1,11 +1,13 @@
 """The explorer app: the /explain API through gradio_client, bad uploads, the tabs' contents, Hub repos, the CLI."""
 
+import contextlib
 import io
 import json
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,9 +49,9 @@ def raw_folder(tmp_path_factory) -> Path:
     return unprojected_folder(tmp_path_factory.mktemp("explorer") / "raw")
 
 
-@pytest.fixture(scope="module")
-def served(folder):
-    """The explorer of the projected tiny model, served on 127.0.0.1."""
+@contextlib.contextmanager
+def serving(folder: Path) -> Iterator[Served]:
+    """The explorer of a model folder, served on 127.0.0.1 until the block ends."""
     app = build_app(folder)
     port = free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -57,6 +59,13 @@ def served(folder):
         yield Served(f"http://127.0.0.1:{port}/", folder)
     finally:
         app.close()
+
+
+@pytest.fixture(scope="module")
+def served(folder):
+    """The explorer of the projected tiny model, served on 127.0.0.1."""
+    with serving(folder) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -294,14 +303,8 @@ def browsed(served):
     if not os.environ.get(MODEL_ENV):
         yield served
         return
-    folder = Path(os.environ[MODEL_ENV])
-    app = build_app(folder)
-    port = free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield Served(f"http://127.0.0.1:{port}/", folder)
-    finally:
-        app.close()
+    with serving(Path(os.environ[MODEL_ENV])) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

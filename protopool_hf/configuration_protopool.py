@@ -422,12 +422,20 @@ def _portable_backbone_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return copy.deepcopy(portable)
 
 
+_MAX_LABELS = 100_000
+
+
 def _check_label_arguments(kwargs: dict[str, Any]) -> None:
     """Check `num_labels`, `id2label` and `label2id` before `PretrainedConfig` reads them (it raises TypeError)."""
     if "num_labels" in kwargs:
         value = kwargs["num_labels"]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"`num_labels` must be a positive int (>= 1), got {value!r}.")
+        if value > _MAX_LABELS:  # checked before PretrainedConfig builds an id2label entry per class
+            raise ValueError(
+                f"`num_labels`={value} is more classes than a ProtoPool model can hold (at most {_MAX_LABELS}: its last "
+                "layer alone has C·S × C weights): check the value, it is the number of classes."
+            )
     for name in ("id2label", "label2id"):
         value = kwargs.get(name)
         if value is not None and not isinstance(value, Mapping):

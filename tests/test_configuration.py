@@ -109,3 +109,10 @@ def test_pretrained_tag_is_accepted(tiny_config):
 def test_wrong_types_and_sizes_name_the_field(tiny_config, field, value, match):
     with pytest.raises(ValueError, match=match):
         tiny_config(**{field: value})
+
+
+def test_an_absurd_num_labels_is_refused_before_an_id2label_is_built():
+    # transformers would build {i: "LABEL_i"} for every class first: 10**12 entries exhaust any machine's memory.
+    with pytest.raises(ValueError, match=r"`num_labels`=1000000000000 is more classes .*at most 100000"):
+        ProtoPoolConfig(backbone="test_resnet", num_labels=10**12)
+    assert ProtoPoolConfig(backbone="test_resnet", num_labels=100_000).num_labels == 100_000

@@ -34,7 +34,7 @@ from .drawing import draw_box
 from .explanation import Explanation, explain
 from .images import UnreadableImageError, decode_image
 from .metrics import REPORT_FILENAME
-from .pictures import PROTOTYPES_DIR, nearest_patches, prototype_filenames
+from .pictures import EXAMPLES_DIR, NEAREST_DIR, PROTOTYPES_DIR, nearest_patches, prototype_filenames
 from .provenance import read_provenance
 from .usage import prototype_classes
 
@@ -50,8 +50,6 @@ __all__ = [
     "save_nearest_patches",
 ]
 
-EXAMPLES_DIR = "examples"
-NEAREST_DIR = "nearest"  # inside prototypes/
 MIN_IMAGE_SIDE = 8
 _NOTE = (110, 110, 110)
 

@@ -1,13 +1,9 @@
 """Model folders and one-commit pushes to the Hugging Face Hub for ProtoPool models.
 
-ProtoPool: Rymarczyk et al., "Interpretable Image Classification with Differentiable Prototypes Assignment",
-ECCV 2022 (https://arxiv.org/abs/2112.02902).
-
 A ProtoPool repository holds what `save_pretrained` writes (config.json, model.safetensors, preprocessor_config.json
 and the modeling code, so `trust_remote_code=True` works without this package), the prototype pictures under
-`prototypes/` (drawn by `protopool_hf.gallery` from the projection provenance), the interpretability report
-`interpretability.json` when `protopool-hf evaluate` wrote one (`protopool_hf.metrics`), and a README.md, the model
-card (`protopool_hf.card`), which shows that report.
+`prototypes/` (drawn by `protopool_hf.gallery`; a folder's `prototypes/nearest/` and `examples/` go along, for the
+explorer), the report `interpretability.json` of `protopool-hf evaluate`, and the model card README.md.
 
 A report describes the weights it was measured on: a save that changes the weights (or config.json,
 preprocessor_config.json) leaves the folder's report out; a save of the same model keeps it.
@@ -36,7 +32,7 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelet
 from .atomic import link_or_copy, read_json, replace_folder, write_file
 from .card import METRIC_FILES, ProtoPoolModelCardData, load_metrics, merge_model_cards, render_model_card
 from .metrics import REPORT_FILENAME
-from .pictures import GALLERY_FILE, PROTOTYPES_DIR
+from .pictures import EXAMPLES_DIR, GALLERY_FILE, NEAREST_DIR, PROTOTYPES_DIR
 from .provenance import Provenance, read_provenance
 
 
@@ -56,6 +52,7 @@ _MODEL_FILES = re.compile(
     r"config\.json|preprocessor_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
     + re.escape(REPORT_FILENAME)
 )
+_NEAREST_PNG, _OURS = f"{PROTOTYPES_DIR}/{NEAREST_DIR}/*.png", (f"{PROTOTYPES_DIR}/", f"{EXAMPLES_DIR}/")
 # Weight files a new save replaces as a set: stale ones are dropped from folders and repositories.
 _WEIGHT_FILES = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
 
@@ -343,7 +340,7 @@ def push_to_hub(
             CommitOperationDelete(path_in_repo=path)
             for path in remote_files
             if path not in files
-            and (path.startswith(f"{PROTOTYPES_DIR}/") or _WEIGHT_FILES.fullmatch(path) or path == REPORT_FILENAME)
+            and (path.startswith(_OURS) or _WEIGHT_FILES.fullmatch(path) or path == REPORT_FILENAME)
         ]
         return api.create_commit(
             repo_id,
@@ -471,10 +468,10 @@ def _stage(
     model = ProtoPoolForImageClassification.from_pretrained(folder)
     if dataset is not None:
         _draw_pictures(model, dataset, staging)
-    elif (folder / PROTOTYPES_DIR).is_dir():
-        (staging / PROTOTYPES_DIR).mkdir()
-        for path in sorted((folder / PROTOTYPES_DIR).glob("*.png")):
-            link_or_copy(path, staging / PROTOTYPES_DIR / path.name)
+    patterns = [f"{EXAMPLES_DIR}/*"] + ([] if dataset is not None else [f"{PROTOTYPES_DIR}/*.png", _NEAREST_PNG])
+    for path in sorted(path for pattern in patterns for path in folder.glob(pattern) if path.is_file()):
+        (staging / path.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
+        link_or_copy(path, staging / path.relative_to(folder))
     card = folder / "README.md"
     return model, card if card.is_file() else None
 

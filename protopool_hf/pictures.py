@@ -52,6 +52,10 @@ __all__ = [
 PROTOTYPES_DIR = "prototypes"
 #: The gallery's path inside a model folder.
 GALLERY_FILE = f"{PROTOTYPES_DIR}/gallery.png"
+#: Inside PROTOTYPES_DIR: each prototype's nearest training patches (`explorer.save_nearest_patches`).
+NEAREST_DIR = "nearest"
+#: Example images of a model folder that the explorer app offers (`make demo` writes one per class).
+EXAMPLES_DIR = "examples"
 _FILE_NAME = re.compile(r"prototype_(\d+)(?:_(overlay|source))?\.png")
 
 

@@ -21,6 +21,7 @@ from card_fixtures import (
     REPORT,
     TRAINING,
     card_model,
+    png,
     siblings,
     snapshot,
     write_pictures,
@@ -191,6 +192,22 @@ def test_push_a_trained_folder_as_it_is(hub_server, tmp_path):
     (folder / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"holds no config\.json"):
         push_to_hub(folder, REPO)
+
+
+def test_push_carries_the_explorers_examples_and_nearest_patches_and_drops_them_once_gone(hub_server, tmp_path):
+    folder = save_model_folder(card_model(), tmp_path / "out")
+    write_pictures(folder)
+    extras = {"examples/0_cardinal.png": png((200, 30, 30)), "prototypes/nearest/prototype_001_0.png": png((9, 9, 9))}
+    for path, data in extras.items():
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_bytes(data)
+    push_to_hub(folder, REPO, dataset_name=DATASET)
+    for path, data in extras.items():  # the Space of a pushed model offers the same examples and nearest patches
+        assert hub_server.repos[REPO].read(path) == data, path
+    (folder / "examples" / "0_cardinal.png").unlink()
+    push_to_hub(folder, REPO, dataset_name=DATASET)
+    files = set(list_repo_files(REPO))
+    assert "examples/0_cardinal.png" not in files and "prototypes/nearest/prototype_001_0.png" in files
 
 
 def test_a_repush_keeps_the_users_readme_and_drops_stale_pictures(hub_server, tmp_path):

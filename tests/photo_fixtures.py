@@ -107,3 +107,23 @@ def unprojected_folder(folder: Path) -> Path:
     """A tiny model straight from initialisation, saved with save_pretrained only."""
     photo_model(1, **EXPLORER).save_pretrained(folder)
     return folder
+
+
+# --------------------------------------------------------------------------- image files (data and images tests)
+def jpeg(path: Path, size=(40, 30), color=(200, 30, 30), mode="RGB") -> Path:
+    """Write a one-colour JPEG (creating its folder) and return its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PIL.Image.new(mode, size, color).save(path, format="JPEG", quality=95)
+    return path
+
+
+def truncate(path: Path) -> Path:
+    """Cut a file to its first half (a truncated image) and return its path."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def pixels(image: PIL.Image.Image) -> np.ndarray:
+    """`(H·W, 3)` the RGB pixels of an image."""
+    return np.asarray(image).reshape(-1, 3)

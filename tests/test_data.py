@@ -8,6 +8,7 @@ import datasets
 import numpy as np
 import PIL.Image
 import pytest
+from photo_fixtures import jpeg, pixels, truncate
 
 from protopool_hf import ProtoPoolConfig
 from protopool_hf.data import (
@@ -33,29 +34,13 @@ def config():
     )
 
 
-def _jpeg(path: Path, size=(40, 30), color=(200, 30, 30), mode="RGB") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    PIL.Image.new(mode, size, color).save(path, format="JPEG", quality=95)
-    return path
-
-
-def _truncate(path: Path) -> Path:
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    return path
-
-
-def _pixels(image: PIL.Image.Image) -> np.ndarray:
-    return np.asarray(image).reshape(-1, 3)
-
-
 # --------------------------------------------------------------------------- image folder
 
 
 def test_load_image_folder_classes_order_and_greyscale(tmp_path):
-    _jpeg(tmp_path / "zebra" / "b.jpg")
-    _jpeg(tmp_path / "zebra" / "a.jpg")
-    _jpeg(tmp_path / "ant" / "nested" / "g.jpg", mode="L", color=90)
+    jpeg(tmp_path / "zebra" / "b.jpg")
+    jpeg(tmp_path / "zebra" / "a.jpg")
+    jpeg(tmp_path / "ant" / "nested" / "g.jpg", mode="L", color=90)
     (tmp_path / "ant" / "notes.txt").write_text("ignored")
     ds = load_image_folder(tmp_path)
     assert ds.features["label"].names == ["ant", "zebra"]
@@ -74,7 +59,7 @@ def test_load_image_folder_errors(tmp_path):
     (tmp_path / "stray.jpg").write_bytes(b"")
     with pytest.raises(ValueError, match="no class folders"):
         load_image_folder(tmp_path)
-    _jpeg(tmp_path / "cat" / "1.jpg")
+    jpeg(tmp_path / "cat" / "1.jpg")
     (tmp_path / "dog").mkdir()
     (tmp_path / "dog" / "readme.txt").write_text("no images here")
     with pytest.raises(ValueError, match=r"dog holds no images"):
@@ -98,7 +83,7 @@ def _make_cub(root: Path) -> Path:
             image_id += 1
             rel = f"{cls}/{cls.split('.')[1]}_{j:04d}.jpg"
             mode, color = ("L", 100) if (k, j) == (1, 0) else ("RGB", (20 * k, 100, 200))
-            _jpeg(base / "images" / rel, size=(60, 50), color=color, mode=mode)
+            jpeg(base / "images" / rel, size=(60, 50), color=color, mode=mode)
             lines["images.txt"].append(f"{image_id} {rel}")
             lines["image_class_labels.txt"].append(f"{image_id} {k + 1}")
             lines["train_test_split.txt"].append(f"{image_id} {1 if j == 0 else 0}")
@@ -134,7 +119,7 @@ def test_load_cub200_missing_annotation_file_is_named(tmp_path, missing):
 
 def test_load_cub200_missing_image_and_truncated_jpeg(tmp_path, config):
     base = _make_cub(tmp_path)
-    broken = _truncate(next((base / "images" / "002.Laysan_Albatross").glob("*_0001.jpg")))
+    broken = truncate(next((base / "images" / "002.Laysan_Albatross").glob("*_0001.jpg")))
     test = load_cub200(base, "test")
     with pytest.raises(UnreadableImageError, match=str(broken)):
         test[1]["image"]
@@ -173,7 +158,7 @@ def _make_cars_devkit(root: Path, test_annos_in_devkit: bool = False, kaggle: bo
         rows = []
         for k, cls in enumerate(classes):
             fname = f"{k + 1:05d}.jpg"
-            _jpeg(folder / fname, size=(50, 40))
+            jpeg(folder / fname, size=(50, 40))
             rows.append((2, 3, 32, 23, cls, fname))
         if split == "train":
             savemat(root / "devkit" / "cars_train_annos.mat", {"annotations": _annotations(rows)})
@@ -219,7 +204,7 @@ def test_load_stanford_cars_class_folder_layout(tmp_path):
     for split, count in (("train", 2), ("test", 1)):
         for cls in ("Acura RL Sedan 2012", "AM General Hummer SUV 2000"):
             for k in range(count):
-                _jpeg(tmp_path / split / cls / f"{k}.jpg")
+                jpeg(tmp_path / split / cls / f"{k}.jpg")
     train, test = load_stanford_cars(tmp_path, "train"), load_stanford_cars(tmp_path, "test")
     assert train.features["label"].names == ["AM General Hummer SUV 2000", "Acura RL Sedan 2012"]
     assert (len(train), len(test)) == (4, 2)
@@ -240,9 +225,9 @@ def test_from_hf_dataset_normalises_columns(tmp_path):
     ds = from_hf_dataset(raw, image_column="img", label_column="fine", name="pets")
     assert ds.column_names == ["image", "label", "index"]
     assert ds.features["label"].names == ["cat", "dog"] and ds["label"][:] == [1, 0]
-    assert _pixels(ds[0]["image"]).tolist()[0] == [255, 255, 255]
+    assert pixels(ds[0]["image"]).tolist()[0] == [255, 255, 255]
     assert dataset_name(ds) == "pets"
-    ints = from_hf_dataset(datasets.Dataset.from_dict({"image": [str(_jpeg(tmp_path / "a.jpg"))], "label": [4]}))
+    ints = from_hf_dataset(datasets.Dataset.from_dict({"image": [str(jpeg(tmp_path / "a.jpg"))], "label": [4]}))
     assert ints.features["label"].num_classes == 5 and ints[0]["image"].size == (40, 30)
     with pytest.raises(ValueError, match=r"'image' not in the dataset; its columns are \['img'"):
         from_hf_dataset(raw)

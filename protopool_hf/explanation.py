@@ -41,7 +41,7 @@ from .drawing import (
     wrap_text,
 )
 from .layers import log_similarity
-from .maps import _model_device, high_activation_box, model_view, preprocess, upsample_map
+from .maps import high_activation_box, model_device, model_view, preprocess, upsample_map
 from .pictures import collect_prototype_pictures, render_prototypes
 from .sources import _prototype_sources
 from .torch_utils import evaluating
@@ -314,7 +314,7 @@ def explain(
             f"The processor gives {tuple(pixel_values.shape[-2:])} pixel values but a {view.height}×{view.width} "
             "view; use an image processor whose resize and crop do not depend on normalisation."
         )
-    device, dtype = _model_device(model)
+    device, dtype = model_device(model)
     with evaluating(model):
         features = model.forward_features(pixel_values.to(device=device, dtype=dtype))
         head_out = model.head(features)

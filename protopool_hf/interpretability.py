@@ -19,8 +19,8 @@ import torch
 
 from .deletion import curve_area, deletion_curves, mean_curve
 from .images import decode_image, to_rgb
-from .localisation import LOCALISATIONS, SmoothGrad, check_localisations, localisation_maps, prototype_distance_maps
-from .maps import high_activation_box
+from .localisation import LOCALISATIONS, SmoothGrad, check_localisations, localisation_maps
+from .maps import distance_maps, high_activation_box
 from .metrics import (
     BACKGROUND_BELOW,
     CONSISTENCY_HALF_SIZE,
@@ -313,7 +313,7 @@ def evaluate_interpretability(
         for row in _progress(range(count), progress, "explanations", count):
             item, label = load(dataset, row, mask_of, parts)
             c, ids = top[row][0], top[row][1:]
-            distances = prototype_distance_maps(model, item.pixels[None])  # (1, P, H, W), shared by the maps below
+            distances = distance_maps(model, item.pixels[None])  # (1, P, H, W), shared by the maps below
             if item.mask is not None:
                 height, width = distances.shape[-2:]
                 for p in ids:
@@ -328,7 +328,7 @@ def evaluate_interpretability(
                     -STABILITY_NOISE[1], STABILITY_NOISE[1]
                 )
                 noisy = (item.pixels + noise)[None]
-                noisy_distances = prototype_distance_maps(model, noisy)
+                noisy_distances = distance_maps(model, noisy)
             for method in methods:
                 maps = localisation_maps(model, item.pixels[None], [ids], method, smoothgrad, distances)[0]
                 boxes = [high_activation_box(m, PERCENTILE) for m in maps]
@@ -468,7 +468,7 @@ def _purity(
     for start in _progress(range(0, count, batch_size), progress, "purity scan"):
         chunk = range(start, min(count, start + batch_size))
         pixels = torch.stack([transform(to_rgb(_row(dataset, i, image_column, label_column)[0])) for i in chunk])
-        best[chunk.start : chunk.stop] = prototype_distance_maps(model, pixels).flatten(2).amin(dim=2)[:, used].numpy()
+        best[chunk.start : chunk.stop] = distance_maps(model, pixels).flatten(2).amin(dim=2)[:, used].numpy()
     k = min(PURITY_TOP_K, count)
     top_rows = np.argsort(best, axis=0, kind="stable")[:k]  # (k, U)
     per_row: dict[int, list[int]] = {}

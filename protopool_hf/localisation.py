@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .layers import log_similarity
-from .maps import high_activation_box, upsample_map
+from .maps import distance_maps, high_activation_box, model_device, upsample_map
 
 
 __all__ = [
@@ -33,7 +33,6 @@ __all__ = [
     "check_localisations",
     "localisation_maps",
     "map_boxes",
-    "prototype_distance_maps",
 ]
 
 LOCALISATIONS = ("upsampled", "gradient")
@@ -85,26 +84,11 @@ def check_localisations(localisation: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _device(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    parameter = next(model.backbone.parameters(), None)
-    if parameter is None:
-        parameter = model.head.prototypes
-    dtype = parameter.dtype if parameter.dtype.is_floating_point else torch.float32
-    return parameter.device, dtype
-
-
-def prototype_distance_maps(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """`(N, 3, H_in, W_in)` normalised images -> `(N, P, H, W)` float32 squared distances on the CPU (no grad)."""
-    device, dtype = _device(model)
-    with torch.no_grad():
-        return model.prototype_distances(pixel_values.to(device=device, dtype=dtype)).float().cpu()
-
-
 def _upsampled(
     model: torch.nn.Module, pixel_values: torch.Tensor, prototype_ids: np.ndarray, distances: torch.Tensor | None
 ) -> np.ndarray:
     if distances is None:
-        distances = prototype_distance_maps(model, pixel_values)
+        distances = distance_maps(model, pixel_values)
     maps = log_similarity(distances, model.config.similarity_epsilon)
     size = tuple(pixel_values.shape[-2:])
     out = np.zeros((*prototype_ids.shape, *size), dtype=np.float32)
@@ -117,7 +101,7 @@ def _upsampled(
 def _gradient(
     model: torch.nn.Module, pixel_values: torch.Tensor, prototype_ids: np.ndarray, smoothgrad: SmoothGrad
 ) -> np.ndarray:
-    device, dtype = _device(model)
+    device, dtype = model_device(model)
     generator = torch.Generator().manual_seed(smoothgrad.seed)
     num_ids = prototype_ids.shape[1]
     out = np.zeros((*prototype_ids.shape, *pixel_values.shape[-2:]), dtype=np.float32)
@@ -155,7 +139,7 @@ def localisation_maps(
         prototype_ids: `(N, K)` prototype ids: K prototypes for each image.
         method: `"upsampled"` or `"gradient"` (see the module docstring).
         smoothgrad: parameters of `"gradient"` (default `SmoothGrad()`).
-        distances: the images' `(N, P, H, W)` distances when already computed (`prototype_distance_maps`): the
+        distances: the images' `(N, P, H, W)` distances when already computed (`maps.distance_maps`): the
             upsampled maps then need no forward pass.
 
     Returns:

@@ -44,7 +44,9 @@ from .torch_utils import evaluating
 
 
 __all__ = [
+    "distance_maps",
     "high_activation_box",
+    "model_device",
     "model_view",
     "preprocess",
     "prototype_activation",
@@ -127,7 +129,8 @@ def preprocess(image: Any, config: Any, processor: Any | None = None) -> torch.T
 # --------------------------------------------------------------------------- activation maps
 
 
-def _model_device(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+def model_device(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where the model runs: its backbone's device and floating dtype (float32 for a model without float weights)."""
     parameter = next(model.backbone.parameters(), None)
     if parameter is None:
         parameter = model.head.prototypes
@@ -135,9 +138,9 @@ def _model_device(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     return parameter.device, dtype
 
 
-def _distances(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """`(N, 3, H_in, W_in)` -> `(N, P, H, W)` squared distances in float32, on the CPU."""
-    device, dtype = _model_device(model)
+def distance_maps(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """`(N, 3, H_in, W_in)` normalised images -> `(N, P, H, W)` squared distances in float32, on the CPU (eval, no grad)."""
+    device, dtype = model_device(model)
     with evaluating(model):
         return model.prototype_distances(pixel_values.to(device=device, dtype=dtype)).float().cpu()
 
@@ -152,7 +155,7 @@ def similarity_maps(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch
     Returns:
         `(N, P, H, W)` float32 on the CPU; larger means closer.
     """
-    return log_similarity(_distances(model, pixel_values), model.config.similarity_epsilon)
+    return log_similarity(distance_maps(model, pixel_values), model.config.similarity_epsilon)
 
 
 def upsample_map(activation: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:

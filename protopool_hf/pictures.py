@@ -25,7 +25,7 @@ import torch
 
 from .drawing import draw_box, heatmap_overlay
 from .layers import log_similarity
-from .maps import _check_prototype_id, _distances, high_activation_box, similarity_maps, upsample_map
+from .maps import _check_prototype_id, distance_maps, high_activation_box, similarity_maps, upsample_map
 from .preprocessing import EvalTransform
 from .provenance import check_dataset_name, dataset_name, read_provenance
 from .sources import (
@@ -337,7 +337,7 @@ def render_prototypes(
     out: dict[int, PrototypeImages] = {}
     for chunk in _batches(sorted(by_image), batch_size):
         views = [transform.view(dataset_image(dataset, rows[i], image_column)) for i in chunk]
-        distances = _distances(model, torch.stack([transform.normalise(v) for v in views]))
+        distances = distance_maps(model, torch.stack([transform.normalise(v) for v in views]))
         maps = log_similarity(distances, model.config.similarity_epsilon)
         for n, image_index in enumerate(chunk):
             for p in by_image[image_index]:
@@ -463,7 +463,7 @@ def nearest_patches(
     best: list[tuple[float, int, int, int]] = []  # (distance, dataset row, row, col)
     for chunk in _batches(range(len(dataset)), batch_size):
         pixels = torch.stack([transform(dataset_image(dataset, i, image_column)) for i in chunk])
-        distances = _distances(model, pixels)[:, prototype_id]  # (N, H, W)
+        distances = distance_maps(model, pixels)[:, prototype_id]  # (N, H, W)
         flat = distances.flatten(1)
         values, where = flat.min(dim=1)
         for n, i in enumerate(chunk):

@@ -47,7 +47,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 _POSITIVE_INTS = ("num_prototypes", "num_slots_per_class", "prototype_dim", "gumbel_scale_epochs")
 _POSITIVE_FLOATS = ("similarity_epsilon", "gumbel_tau", "gumbel_scale_max")
-_NON_NEGATIVE_FLOATS = ("cluster_weight", "separation_weight", "orthogonality_weight", "l1_weight")
+_NON_NEGATIVE_FLOATS = (
+    "cluster_weight",
+    "separation_weight",
+    "orthogonality_weight",
+    "l1_weight",
+    "background_weight",
+    "background_margin",
+)
 _INTERPOLATIONS = tuple(INTERPOLATIONS)
 _CROP_MODES = CROP_MODES
 
@@ -87,6 +94,11 @@ class ProtoPoolConfig(PretrainedConfig):
         separation_weight (`float`, *optional*, defaults to 0.08): weight of the separation term (subtracted).
         orthogonality_weight (`float`, *optional*, defaults to 1.0): weight of the slot orthogonality term.
         l1_weight (`float`, *optional*, defaults to 1e-4): weight of the L1 penalty on off-class last-layer weights.
+        background_weight (`float`, *optional*, defaults to 0.0): weight of the background term, which needs object
+            masks in the batch (`object_mask`, see `make_transforms(object_mask=...)`) and is not in the official
+            method (0 = off): each prototype's nearest background patch is pushed `background_margin` farther than
+            its nearest object patch (`losses.background_loss`).
+        background_margin (`float`, *optional*, defaults to 1.0): the squared-distance margin of the background term.
         last_layer_correct_connection (`float`, *optional*, defaults to 1.0): initial last-layer weight from each
             slot to its own class (the official 1). The last layer stays frozen until fine-tuning, so this is the
             scale of the logits in the main phase: with few slots per class a larger value (e.g. 10) lets the
@@ -139,6 +151,8 @@ class ProtoPoolConfig(PretrainedConfig):
         separation_weight: float = 0.08,
         orthogonality_weight: float = 1.0,
         l1_weight: float = 1e-4,
+        background_weight: float = 0.0,
+        background_margin: float = 1.0,
         last_layer_correct_connection: float = 1.0,
         last_layer_incorrect_connection: float = 0.0,
         input_size: list[int] | None = None,
@@ -172,6 +186,8 @@ class ProtoPoolConfig(PretrainedConfig):
         self.separation_weight = separation_weight
         self.orthogonality_weight = orthogonality_weight
         self.l1_weight = l1_weight
+        self.background_weight = background_weight
+        self.background_margin = background_margin
         self.last_layer_correct_connection = last_layer_correct_connection
         self.last_layer_incorrect_connection = last_layer_incorrect_connection
         self.input_size = _as_list("input_size", input_size)

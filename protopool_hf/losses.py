@@ -13,6 +13,11 @@ term computed as the official code computes it:
   instead of the official (C, P, S, S) broadcast;
 - L1: the absolute sum of the last-layer weights that connect a slot to a class it does not belong to.
 
+One term is not in the official method and is off by default (weight 0): **background**, for data with object
+masks. With an `(N, H_in, W_in)` object mask in the batch, every prototype's nearest background patch is pushed at
+least a margin farther than its nearest object patch, so that prototypes (and the evidence they find on new images)
+sit on the object, not on the background around it (docs/performance.md: what it did to the demo).
+
 The official cluster/separation code masks with "max distance = D" and takes a max; the exact minimum is the same
 whenever distances are ≤ D (always, for latents in (0, 1)^D and prototypes in [0, 1]^D), and stays right beyond.
 """
@@ -24,9 +29,12 @@ import torch.nn.functional as F
 
 
 __all__ = [
+    "BACKGROUND_BELOW",
     "LOSS_TERM_NAMES",
     "LossWeights",
     "all_loss_terms",
+    "background_cells",
+    "background_loss",
     "cluster_loss",
     "l1_off_class_loss",
     "mixup_cross_entropy",
@@ -35,7 +43,10 @@ __all__ = [
     "weighted_total",
 ]
 
-LOSS_TERM_NAMES = ("cross_entropy", "cluster", "separation", "orthogonality", "l1")
+LOSS_TERM_NAMES = ("cross_entropy", "cluster", "separation", "orthogonality", "l1", "background")
+#: A latent cell whose input pixels are less than this share object is background (the background term, the restricted
+#: projection and the interpretability metrics share this rule).
+BACKGROUND_BELOW = 0.1
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,7 @@ class LossWeights:
     separation: float = 0.08
     orthogonality: float = 1.0
     l1: float = 1e-4
+    background: float = 0.0
 
 
 def _masked_min(min_distances: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -125,6 +137,51 @@ def l1_off_class_loss(last_layer_weight: torch.Tensor, num_slots_per_class: int)
     return (last_layer_weight * off_class).abs().sum()
 
 
+def background_cells(object_mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`(N, H, W)` True where a latent cell is background: under `BACKGROUND_BELOW` of its input pixels are object.
+
+    Args:
+        object_mask: `(N, H_in, W_in)` True on object pixels, at the model's input size.
+        size: the latent map's `(H, W)`; cell (h, w) covers the input pixels adaptive average pooling gives it.
+    """
+    share = F.adaptive_avg_pool2d(object_mask[:, None].float(), size)[:, 0]  # (N, H, W)
+    return share < BACKGROUND_BELOW
+
+
+def background_loss(distances: torch.Tensor, object_mask: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+    """Push every prototype's nearest background patch `margin` farther than its nearest object patch.
+
+    Not in the official method. Mean over (image, prototype) of relu(min_object d − min_background d + margin), over
+    the images that have both object and background cells (0 when none has).
+
+    Args:
+        distances: `(N, P, H, W)` squared distances of every latent patch to every prototype.
+        object_mask: `(N, H_in, W_in)` True on object pixels, at the model's input size.
+        margin: the squared-distance margin.
+
+    Returns:
+        Scalar loss.
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from protopool_hf.losses import background_loss
+        >>> distances = torch.tensor([[[[1.0, 4.0]]]])  # (N=1, P=1, H=1, W=2): closest on the left cell
+        >>> mask = torch.tensor([[[False, True]]])  # object on the right half only
+        >>> background_loss(distances, mask, margin=1.0)  # relu(4 - 1 + 1)
+        tensor(4.)
+
+        ```
+    """
+    background = background_cells(object_mask, tuple(distances.shape[-2:]))[:, None]  # (N, 1, H, W)
+    largest = torch.finfo(distances.dtype).max
+    nearest_object = distances.masked_fill(background, largest).flatten(2).amin(dim=2)  # (N, P)
+    nearest_background = distances.masked_fill(~background, largest).flatten(2).amin(dim=2)  # (N, P)
+    both = background.flatten(1).any(dim=1) & ~background.flatten(1).all(dim=1)  # (N,)
+    hinge = F.relu(nearest_object - nearest_background + margin)[both]
+    return hinge.mean() if hinge.numel() else distances.new_zeros(())
+
+
 def mixup_cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, mixup_labels: torch.Tensor | None = None, mixup_lambda: float = 1.0
 ) -> torch.Tensor:
@@ -144,8 +201,11 @@ def all_loss_terms(
     labels: torch.Tensor,
     mixup_labels: torch.Tensor | None = None,
     mixup_lambda: float = 1.0,
+    distances: torch.Tensor | None = None,
+    object_mask: torch.Tensor | None = None,
+    background_margin: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """The five unweighted terms of one forward pass, as the official code computes them.
+    """The five unweighted terms of one forward pass, as the official code computes them (and the background term).
 
     Args:
         logits: `(N, C)`.
@@ -156,23 +216,30 @@ def all_loss_terms(
         labels: `(N,)` class indices of the original (unmixed) images: cluster and separation use them.
         mixup_labels: `(N,)` the labels of the images mixed in; CE is then λ·CE(labels) + (1 − λ)·CE(mixup_labels).
         mixup_lambda: the mixup coefficient λ.
+        distances: `(N, P, H, W)` every patch's distance to every prototype (the background term).
+        object_mask: `(N, H_in, W_in)` object pixels of the images: with `distances`, adds the `background` term.
+        background_margin: the margin of the background term.
 
     Returns:
-        `{"cross_entropy", "cluster", "separation", "orthogonality", "l1"}` scalars.
+        `{"cross_entropy", "cluster", "separation", "orthogonality", "l1"}` scalars, and `"background"` when an
+        object mask is given.
     """
     num_slots_per_class = slot_logits.shape[2]
     class_assignment = slot_assignment[labels]  # (N, P, S)
-    return {
+    terms = {
         "cross_entropy": mixup_cross_entropy(logits, labels, mixup_labels, mixup_lambda),
         "cluster": cluster_loss(min_distances, class_assignment, num_slots_per_class),
         "separation": separation_loss(min_distances, class_assignment, num_slots_per_class),
         "orthogonality": orthogonality_loss(slot_logits),
         "l1": l1_off_class_loss(last_layer_weight, num_slots_per_class),
     }
+    if object_mask is not None and distances is not None:
+        terms["background"] = background_loss(distances, object_mask, background_margin)
+    return terms
 
 
 def weighted_total(terms: dict[str, torch.Tensor], weights: LossWeights) -> torch.Tensor:
-    """CE + w_clst·cluster − w_sep·separation + w_orth·orthogonality + w_l1·L1 over the terms present."""
+    """CE + w_clst·cluster − w_sep·separation + w_orth·orthogonality + w_l1·L1 (+ w_bg·background) over the terms present."""
     signs = {"separation": -1.0}
     total = None
     for name, value in terms.items():

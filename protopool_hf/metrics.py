@@ -30,6 +30,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from .losses import BACKGROUND_BELOW  # a box with less object than this is background
+
 
 __all__ = [
     "MASK_RULES",
@@ -46,7 +48,6 @@ __all__ = [
 ]
 
 REPORT_FILENAME = "interpretability.json"
-BACKGROUND_BELOW = 0.1  # a box with less object than this is background
 MOSTLY_OBJECT = 0.5
 PERCENTILE = 95  # the pictures' high-activation box
 REFERENCE_SIZE = 224  # the input size of the references' pixel parameters (scaled to the model's input)

@@ -68,8 +68,8 @@ class ProtoPoolOutput(ModelOutput):
         similarities: `(N, C, S)` focal similarity of every class slot (the last layer's input).
         distances: `(N, P, H, W)` squared distance of every latent patch to every prototype (float32); φ of it is
             each prototype's activation map.
-        loss_terms: unweighted terms `cross_entropy`, `cluster`, `separation`, `orthogonality`, `l1`, when `labels`
-            were given to the model.
+        loss_terms: unweighted terms `cross_entropy`, `cluster`, `separation`, `orthogonality`, `l1` (and
+            `background` with an object mask and a background weight), when `labels` were given to the model.
 
     Example:
         ```python
@@ -346,12 +346,14 @@ class ProtoPoolForImageClassification(GumbelScheduleMixin, ProtoPoolPreTrainedMo
         labels: torch.Tensor | None = None,
         mixup_labels: torch.Tensor | None = None,
         mixup_lambda: float = 1.0,
+        object_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> ProtoPoolOutput:
         """Classify `(N, 3, H_in, W_in)` images; with `labels` `(N,)`, also return the loss and its terms.
 
         The loss is the one every training phase optimises: CE + w_clst·cluster − w_sep·separation + w_orth·orth +
-        w_l1·L1, with the weights of the config (`cluster_weight`, ...; a weight of 0 leaves its term out).
+        w_l1·L1 (+ w_bg·background, with an object mask), with the weights of the config (`cluster_weight`, ...; a
+        weight of 0 leaves its term out).
 
         Args:
             pixel_values: normalised images; for mixup, the mixed batch λ·x + (1 − λ)·x[perm].
@@ -359,6 +361,7 @@ class ProtoPoolForImageClassification(GumbelScheduleMixin, ProtoPoolPreTrainedMo
             mixup_labels: `(N,)` the labels of the images mixed in, y[perm]; CE is then
                 λ·CE(labels) + (1 − λ)·CE(mixup_labels). `ProtoPoolTrainer` passes them when it mixes.
             mixup_lambda: λ, the weight of `labels` in a mixed batch.
+            object_mask: `(N, H_in, W_in)` object pixels, for the background term (`config.background_weight`).
             **kwargs: ignored (Trainer and pipelines may pass extra keys).
 
         Returns:
@@ -371,7 +374,7 @@ class ProtoPoolForImageClassification(GumbelScheduleMixin, ProtoPoolPreTrainedMo
             return output
         # In float32 under autocast too, as the head (and as the loss a Trainer computes outside the forward).
         with torch.autocast(device_type=output.logits.device.type, enabled=False):
-            loss_terms = self.loss_terms(output, labels, mixup_labels, mixup_lambda)
+            loss_terms = self.loss_terms(output, labels, mixup_labels, mixup_lambda, object_mask)
             loss = weighted_total(loss_terms, self.loss_weights)
         return ProtoPoolOutput(
             loss=loss,
@@ -404,6 +407,7 @@ class ProtoPoolForImageClassification(GumbelScheduleMixin, ProtoPoolPreTrainedMo
             separation=self.config.separation_weight,
             orthogonality=self.config.orthogonality_weight,
             l1=self.config.l1_weight,
+            background=self.config.background_weight,
         )
 
     def loss_terms(
@@ -412,23 +416,23 @@ class ProtoPoolForImageClassification(GumbelScheduleMixin, ProtoPoolPreTrainedMo
         labels: torch.Tensor,
         mixup_labels: torch.Tensor | None = None,
         mixup_lambda: float = 1.0,
+        object_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The unweighted loss terms of a forward pass, as the official code computes them.
+        """The unweighted loss terms of a forward pass, as the official code computes them (`losses.all_loss_terms`).
 
         Args:
             outputs: the head's or the model's output for the batch.
             labels: `(N,)` class indices of the (original, unmixed) images; cluster and separation use them.
             mixup_labels: `(N,)` the labels of the images mixed in; CE is then λ·CE(labels) + (1 − λ)·CE(mixup_labels).
             mixup_lambda: the mixup coefficient λ.
-
-        Returns:
-            `{"cross_entropy", "cluster", "separation", "orthogonality", "l1"}` scalars.
+            object_mask: `(N, H_in, W_in)` object pixels: adds the `background` term when its weight is not 0.
         """
         labels = self._check_labels(labels)
-        head = self.head
+        head, config = self.head, self.config
+        mask = object_mask if config.background_weight else None
         return all_loss_terms(
-            outputs.logits, outputs.min_distances, outputs.slot_assignment, head.slot_logits,
-            head.last_layer.weight, labels, mixup_labels, mixup_lambda,
+            outputs.logits, outputs.min_distances, outputs.slot_assignment, head.slot_logits, head.last_layer.weight,
+            labels, mixup_labels, mixup_lambda, outputs.distances, mask, config.background_margin,
         )  # fmt: skip
 
     def _check_labels(self, labels: torch.Tensor) -> torch.Tensor:

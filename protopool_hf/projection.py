@@ -36,8 +36,9 @@ from torch.utils.data import DataLoader
 
 from . import provenance
 from .layers import squared_l2_distances
+from .losses import background_cells
 from .modeling_protopool import ProtoPoolForImageClassification
-from .projection_data import projection_loader, unpack_batch
+from .projection_data import batch_object_mask, projection_loader, unpack_batch
 from .provenance import Provenance, read_provenance, write_provenance
 from .torch_utils import evaluating, unwrap_model
 
@@ -142,6 +143,7 @@ def project_prototypes(
     dataset_name: str | None = None,
     num_workers: int = 0,
     harden: bool = True,
+    restrict_to_objects: bool = False,
 ) -> ProjectionResult:
     """Move every used prototype onto its nearest latent patch among the images of the classes that use it.
 
@@ -166,6 +168,10 @@ def project_prototypes(
             (a `datasets.Dataset`'s name and split, e.g. `"cub200/train"`, else its fingerprint).
         num_workers: DataLoader workers when `data` is a map-style dataset.
         harden: call `model.harden_assignment()` after the projection.
+        restrict_to_objects: only object patches are candidates: the latent cells of which at least
+            `losses.BACKGROUND_BELOW` of the input pixels are object, by the batches' `object_mask` `(N, H_in, W_in)`
+            (`make_transforms(..., object_mask=...)`). Not in the official method (off by default); a prototype
+            whose classes' images have no object cell stays where it is (a warning names it).
 
     Returns:
         A [`ProjectionResult`], identical on every process.
@@ -194,7 +200,7 @@ def project_prototypes(
     error: BaseException | None = None
     with evaluating(model):
         try:
-            best, num_images, sizes = _scan(model, loader, allowed, offset, needs_index)
+            best, num_images, sizes = _scan(model, loader, allowed, offset, needs_index, restrict_to_objects)
         except Exception as exc:
             if not distributed:
                 raise
@@ -236,8 +242,8 @@ def project_prototypes(
         shown = ", ".join(map(str, classes[:20])) + (f", … ({len(classes)} classes)" if len(classes) > 20 else "")
         warnings.warn(
             f"Prototypes {unmatched} are used by class slots, but no image of their classes "
-            f"[{shown}] was among the {num_images} scanned images: they were left unchanged. Project on data "
-            "that covers every class.",
+            f"[{shown}] {'with an object cell ' if restrict_to_objects else ''}was among the {num_images} scanned "
+            "images: they were left unchanged. Project on data that covers every class.",
             stacklevel=3,  # the caller of project_prototypes, past torch.no_grad's wrapper
         )
     return result
@@ -249,6 +255,7 @@ def _scan(
     allowed: torch.Tensor,
     offset: int,
     needs_index: bool,
+    restrict_to_objects: bool = False,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], int, set[tuple[int, ...]]]:
     """The running per-prototype best over the batches: distance, key, latent vector `(P, D)`, label."""
     device = allowed.device
@@ -284,6 +291,9 @@ def _scan(
             raise ValueError(f"Latent maps of {height}×{width} are not supported (at most {_MAX_SIDE} per side).")
         distances = squared_l2_distances(latent, prototypes)  # (N, P, H, W)
         candidates = allowed[labels][:, :, None]  # (N, P, 1)
+        if restrict_to_objects:  # background cells are no candidates
+            mask = batch_object_mask(batch, number, pixel_values).to(device)
+            candidates = candidates & ~background_cells(mask, (height, width)).flatten(1)[:, None, :]  # (N, P, H·W)
         distances = distances.flatten(2).masked_fill(~candidates, math.inf)  # (N, P, H·W)
         batch_distance = distances.amin(dim=(0, 2))  # (P,)
 

@@ -3,7 +3,8 @@
 Shape alphabet: N batch, H_in, W_in model input.
 
 A batch is a dict with `pixel_values` `(N, 3, H_in, W_in)`, `labels` `(N,)` (or `label`, the column name of `datasets`)
-and optionally `index` `(N,)`, the images' indices in the dataset. A map-style dataset of such examples is batched
+and optionally `index` `(N,)`, the images' indices in the dataset, and `object_mask` `(N, H_in, W_in)` (the
+restricted projection's object pixels). A map-style dataset of such examples is batched
 here in order; under `torch.distributed` each process gets a contiguous shard of it. Every batch is checked before
 it is used, with a message that names the batch and says what to change.
 """
@@ -19,13 +20,13 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Su
 from .torch_utils import check_labels, unwrap_model
 
 
-__all__ = ["check_projection_data", "projection_loader", "unpack_batch"]
+__all__ = ["batch_object_mask", "check_projection_data", "projection_loader", "unpack_batch"]
 
 # Names of accelerate's sharding loaders / samplers, recognised without importing accelerate.
 _SHARDING_CLASSES = ("BatchSamplerShard", "DataLoaderDispatcher", "IterableDatasetShard", "SeedableRandomSampler")
 
 
-def check_projection_data(model: nn.Module, data: Any) -> None:
+def check_projection_data(model: nn.Module, data: Any, object_mask: bool = False) -> None:
     """Check the first example (or batch) of projection data, so a wrong format fails before any training.
 
     Reads `data[0]` of a map-style dataset or a list of batches, or the first batch of a `DataLoader`; other
@@ -34,6 +35,7 @@ def check_projection_data(model: nn.Module, data: Any) -> None:
     Args:
         model: the model the data will be projected for (its `num_labels` bounds the labels).
         data: what `project_prototypes` would be given.
+        object_mask: the batches must carry `object_mask` (the projection restricted to objects).
 
     Raises:
         ValueError: as `project_prototypes` would, naming the missing key, bad shape or label.
@@ -53,7 +55,9 @@ def check_projection_data(model: nn.Module, data: Any) -> None:
         return
     if batch is None:
         raise ValueError("The projection DataLoader yields no batch: pass the un-augmented training images.")
-    unpack_batch(batch, 0, num_classes)
+    pixel_values, _, _ = unpack_batch(batch, 0, num_classes)
+    if object_mask:
+        batch_object_mask(batch, 0, pixel_values)
 
 
 def _labels_key(batch: Mapping[str, Any]) -> str:
@@ -99,8 +103,26 @@ def unpack_batch(batch: Any, number: int, num_classes: int) -> tuple[torch.Tenso
     return pixel_values, labels.long(), index
 
 
+def batch_object_mask(batch: Mapping[str, Any], number: int, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The `(N, H_in, W_in)` bool `object_mask` of a projection batch, checked against its `pixel_values`."""
+    mask = batch.get("object_mask")
+    if mask is None:
+        raise ValueError(
+            f"Projection batch {number} has no `object_mask`, which the projection restricted to objects needs: "
+            "build the projection transform with make_transforms(..., object_mask=...) (or add the field)."
+        )
+    mask = torch.as_tensor(mask)
+    expected = (pixel_values.shape[0], *pixel_values.shape[2:])
+    if tuple(mask.shape) != expected:
+        raise ValueError(
+            f"`object_mask` of projection batch {number} has shape {tuple(mask.shape)}; expected {expected} "
+            "(N, H_in, W_in), the size of its pixel_values."
+        )
+    return mask.bool()
+
+
 def _collate_examples(examples: list[Any]) -> dict[str, torch.Tensor]:
-    """Stack examples' `pixel_values`, `labels` (and `index`); other fields (e.g. a PIL `image`) are dropped."""
+    """Stack examples' `pixel_values`, `labels` (`index`, `object_mask`); other fields (a PIL `image`) are dropped."""
     for example in examples:
         if not isinstance(example, Mapping) or "pixel_values" not in example or _labels_key(example) not in example:
             found = sorted(example) if isinstance(example, Mapping) else type(example).__name__
@@ -114,6 +136,8 @@ def _collate_examples(examples: list[Any]) -> dict[str, torch.Tensor]:
     }
     if all("index" in example for example in examples):
         batch["index"] = torch.as_tensor([int(example["index"]) for example in examples])
+    if all("object_mask" in example for example in examples):
+        batch["object_mask"] = torch.stack([torch.as_tensor(example["object_mask"]) for example in examples])
     return batch
 
 

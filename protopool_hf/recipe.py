@@ -17,7 +17,12 @@ from .phases import PHASES, check_phase
 __all__ = ["ProtoPoolRecipe", "RecipeResult"]
 
 # The config's loss weights in last-layer fine-tuning: CE + l1_weight·L1 only, as the official code.
-_FINETUNE_LOSS_WEIGHTS = {"cluster_weight": 0.0, "separation_weight": 0.0, "orthogonality_weight": 0.0}
+_FINETUNE_LOSS_WEIGHTS = {
+    "cluster_weight": 0.0,
+    "separation_weight": 0.0,
+    "orthogonality_weight": 0.0,
+    "background_weight": 0.0,
+}
 
 
 @dataclass
@@ -45,6 +50,8 @@ class ProtoPoolRecipe:
         train_batch_size: per-device training batch size (80 in the official code).
         eval_batch_size: per-device evaluation batch size.
         projection_batch_size: per-device projection batch size.
+        projection_restrict_to_objects: project onto object patches only, by the projection data's `object_mask`
+            (`project_prototypes(restrict_to_objects=True)`; not in the official method, off by default).
         gradient_accumulation_steps: micro-batches per optimizer step.
         mixup_alpha: Beta(alpha, alpha) mixup in every training phase; 0 turns it off.
         gumbel_per_step: update the Gumbel scale before every step (fractional epoch) instead of every epoch.
@@ -93,6 +100,7 @@ class ProtoPoolRecipe:
     train_batch_size: int = 80
     eval_batch_size: int = 80
     projection_batch_size: int = 80
+    projection_restrict_to_objects: bool = False
     gradient_accumulation_steps: int = 1
     mixup_alpha: float = 0.5
     gumbel_per_step: bool = False

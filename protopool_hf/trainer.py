@@ -224,6 +224,8 @@ class ProtoPoolTrainer(Trainer):
             pixel_values = inputs["pixel_values"]
             mixed = lam * pixel_values + (1 - lam) * pixel_values[perm]
             inputs = {**inputs, "pixel_values": mixed, "mixup_labels": labels[perm], "mixup_lambda": lam}
+            if inputs.get("object_mask") is not None:  # the object of either image
+                inputs["object_mask"] = inputs["object_mask"] | inputs["object_mask"][perm]
         outputs = model(**inputs)
         self._record_terms(outputs.loss_terms, "train" if training else "eval", len(labels))
         return (outputs.loss, outputs) if return_outputs else outputs.loss

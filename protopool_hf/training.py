@@ -214,6 +214,10 @@ def train_protopool(
         ("test_dataset", test_dataset),
     ):
         _check_class_names(model.config, dataset, argument)
+    if recipe.projection_restrict_to_objects:  # the masks the projection will need, before any training
+        from .projection_data import check_projection_data
+
+        check_projection_data(model, projection_dataset, object_mask=True)
     try:  # fail before the warm-up, not when the joint phase starts
         leading_stage_parameters(model.backbone, recipe.frozen_backbone_stages)
     except ValueError as error:
@@ -277,6 +281,7 @@ def train_protopool(
                 dataset_name=projection_dataset_name,
                 num_workers=recipe.num_workers,
                 harden=True,
+                restrict_to_objects=recipe.projection_restrict_to_objects,
             )
             finish_stage(stage, {"dataset_name": projection.dataset_name, "unused": projection.unused})
             continue

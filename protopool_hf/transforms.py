@@ -3,6 +3,7 @@
 [`make_transforms`] builds the batch transform a dataset of `protopool_hf.data` takes with `ds.with_transform(...)`:
 decode, crop to `bbox`, convert to RGB, then timm's training augmentation (or the official code's), or the eval
 transform that `AutoImageProcessor` applies bit for bit. [`collate_fn`] stacks the transformed rows into batches.
+With `object_mask`, every row also gets the object pixels of its transformed image (for the background term).
 """
 
 import contextlib
@@ -21,10 +22,45 @@ from .preprocessing import EvalTransform
 from .torch_utils import check_labels
 
 
-__all__ = ["AUGMENTATIONS", "ImageTransform", "collate_fn", "make_transforms"]
+__all__ = ["AUGMENTATIONS", "OBJECT_MASKS", "ImageTransform", "collate_fn", "make_transforms", "nonzero_pixels"]
 
 #: The training augmentations of `make_transforms` (the CLI's `--augment`).
 AUGMENTATIONS = ("timm", "official")
+#: The object-mask rules of `make_transforms(object_mask=...)`.
+OBJECT_MASKS = ("nonzero",)
+
+ObjectMask = Callable[[torch.Tensor], torch.Tensor]
+
+
+def nonzero_pixels(mean: Sequence[float], std: Sequence[float]) -> ObjectMask:
+    """The `"nonzero"` object-mask rule: pixels not black in any channel (Fashion-MNIST's objects: raw pixel > 0).
+
+    Args:
+        mean: the normalisation mean of the pixel values.
+        std: the normalisation std.
+
+    Returns:
+        A function `(3, H, W)` normalised pixel values -> `(H, W)` bool: True where the 8-bit value is above 0 in
+        some channel (the threshold is half a step, 0.5 / 255, so interpolation leaves black black).
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from protopool_hf.transforms import nonzero_pixels
+        >>> pixels = torch.full((3, 1, 2), -1.0)  # black, normalised with mean 0.5, std 0.5
+        >>> pixels[:, 0, 1] = -1.0 + 2 / 255  # an 8-bit value of 1
+        >>> nonzero_pixels((0.5,) * 3, (0.5,) * 3)(pixels).tolist()
+        [[False, True]]
+
+        ```
+    """
+    mean_ = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    std_ = torch.tensor(std, dtype=torch.float32)[:, None, None]
+
+    def rule(pixel_values: torch.Tensor) -> torch.Tensor:
+        return (pixel_values.float() * std_ + mean_).amax(dim=0) > 0.5 / 255
+
+    return rule
 
 
 @contextlib.contextmanager
@@ -49,7 +85,8 @@ class ImageTransform:
     """Batch transform for `Dataset.with_transform`: decode, crop to `bbox`, `to_rgb`, then a pixel pipeline.
 
     Maps `{"image": [...], "label": [...], "index": [...]}` to `pixel_values` (N, 3, H, W) float32, `labels` (N,)
-    int64 and, when the batch has it, `index` (N,) int64. Training augmentation is seeded per sample by
+    int64, when the batch has it, `index` (N,) int64 and, with an `object_mask` rule, `object_mask` (N, H, W) bool
+    (the rule applied to each transformed image, so it follows the augmentation). Training augmentation is seeded per sample by
     (seed, epoch, index), so a resumed run sees the same augmented images; call `set_epoch` with the 0-based
     Trainer epoch at each epoch start. The epoch lives in shared memory, so DataLoader workers (persistent ones
     included) see it.
@@ -80,8 +117,10 @@ class ImageTransform:
         seed: int | None = 0,
         num_labels: int | None = None,
         skip_bad_images: bool = False,
+        object_mask: ObjectMask | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.object_mask = object_mask
         self.train = train
         self.seed = seed
         self.num_labels = num_labels
@@ -136,6 +175,8 @@ class ImageTransform:
         out = {"pixel_values": torch.stack(pixels), "labels": torch.tensor(labels, dtype=torch.int64)}
         if indices is not None:
             out["index"] = torch.tensor(kept, dtype=torch.int64)
+        if self.object_mask is not None:
+            out["object_mask"] = torch.stack([self.object_mask(p) for p in pixels])
         return out
 
     def _decode(self, value: Any, bbox: Sequence[float] | None, index: int | None) -> PIL.Image.Image | None:
@@ -165,7 +206,13 @@ def _official_augmentation(interpolation: str) -> Callable[[PIL.Image.Image], PI
 
 
 def make_transforms(
-    config: Any, train: bool, augmentation: str = "timm", *, seed: int | None = 0, skip_bad_images: bool = False
+    config: Any,
+    train: bool,
+    augmentation: str = "timm",
+    *,
+    seed: int | None = 0,
+    skip_bad_images: bool = False,
+    object_mask: str | ObjectMask | None = None,
 ) -> ImageTransform:
     """Build the batch transform for training or evaluation from the config's timm data config.
 
@@ -181,14 +228,22 @@ def make_transforms(
             (`crop_pct`, `crop_mode`: the presets squash to H × W without crop, as the official code).
         seed: seeds the training augmentation; `None` uses the global RNGs (not reproducible).
         skip_bad_images: skip unreadable images with one warning each instead of raising `UnreadableImageError`.
+        object_mask: add `object_mask` (H, W) bool to every row, for the background term (`background_weight`) and
+            the restricted projection: `"nonzero"` (objects on black, as Fashion-MNIST: `nonzero_pixels`) or a
+            function of the transformed `(3, H, W)` pixel values. Colour augmentation that lifts black
+            (`color_jitter`) would make the `"nonzero"` rule see object everywhere: switch it off.
 
     Returns:
         An `ImageTransform`; apply it with `ds.with_transform(...)` and batch with `collate_fn`.
     """
     if augmentation not in AUGMENTATIONS:
         raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {augmentation!r}.")
+    if object_mask not in (None, *OBJECT_MASKS) and not callable(object_mask):
+        raise ValueError(f"object_mask must be one of {OBJECT_MASKS}, a function or None, got {object_mask!r}.")
     eval_transform = EvalTransform(config)
     data_config = eval_transform.data_config
+    if object_mask == "nonzero":
+        object_mask = nonzero_pixels(data_config["mean"], data_config["std"])
     if not train:
         pipeline: Callable[[PIL.Image.Image], torch.Tensor] = eval_transform
     elif augmentation == "official":
@@ -203,7 +258,14 @@ def make_transforms(
         options = dict(config) if isinstance(config, Mapping) else {}
         pipeline = create_transform(**{**options, **data_config}, is_training=True)
     num_labels = getattr(config, "num_labels", None)
-    return ImageTransform(pipeline, train=train, seed=seed, num_labels=num_labels, skip_bad_images=skip_bad_images)
+    return ImageTransform(
+        pipeline,
+        train=train,
+        seed=seed,
+        num_labels=num_labels,
+        skip_bad_images=skip_bad_images,
+        object_mask=object_mask,
+    )
 
 
 def collate_fn(examples: Sequence[Mapping[str, Any]], keep_index: bool = False) -> dict[str, torch.Tensor]:
@@ -214,7 +276,8 @@ def collate_fn(examples: Sequence[Mapping[str, Any]], keep_index: bool = False) 
         keep_index: keep `index` (N,) in the batch, e.g. for projection; the model's `forward` does not take it.
 
     Returns:
-        `pixel_values` (N, 3, H, W) and `labels` (N,) int64 (and `index` (N,) int64 when asked).
+        `pixel_values` (N, 3, H, W) and `labels` (N,) int64 (and `index` (N,) int64 when asked; `object_mask`
+        (N, H, W) bool when the rows have it).
     """
     if not examples:
         raise ValueError("collate_fn got an empty batch (were all of its images skipped as unreadable?).")
@@ -224,4 +287,6 @@ def collate_fn(examples: Sequence[Mapping[str, Any]], keep_index: bool = False) 
     }
     if keep_index:
         batch["index"] = torch.tensor([int(e["index"]) for e in examples], dtype=torch.int64)
+    if all("object_mask" in e for e in examples):
+        batch["object_mask"] = torch.stack([torch.as_tensor(e["object_mask"]) for e in examples])
     return batch

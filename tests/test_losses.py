@@ -3,7 +3,11 @@ import torch
 import torch.nn.functional as F
 
 from protopool_hf.losses import (
+    BACKGROUND_BELOW,
     LossWeights,
+    all_loss_terms,
+    background_cells,
+    background_loss,
     cluster_loss,
     l1_off_class_loss,
     mixup_cross_entropy,
@@ -92,3 +96,57 @@ def test_orthogonality_gram_form_matches_the_official_formula_at_the_cub_setting
     assert orthogonality_loss(same).item() == pytest.approx(3.0, abs=1e-5)
     disjoint = torch.eye(7)[:, :4].expand(3, 7, 4)
     assert orthogonality_loss(disjoint).item() == pytest.approx(0.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------- the background term (not in the official method)
+def test_background_cells_follow_the_object_share_of_each_cell():
+    mask = torch.zeros(1, 8, 8, dtype=torch.bool)
+    mask[0, :4, :4] = True  # cell (0, 0) of a 2×2 map is all object
+    mask[0, 4, 4] = True  # cell (1, 1): 1 of 16 pixels, 6 % < BACKGROUND_BELOW
+    mask[0, 0, 4:6] = True  # cell (0, 1): 2 of 16 pixels, 12.5 % >= BACKGROUND_BELOW
+    assert 1 / 16 < BACKGROUND_BELOW <= 2 / 16
+    assert background_cells(mask, (2, 2)).tolist() == [[[False, False], [True, True]]]
+    # A size that does not divide the input: the cells of adaptive average pooling (they overlap by one pixel here).
+    mask = torch.zeros(1, 5, 5, dtype=torch.bool)
+    mask[0, 2, :] = True  # the middle row belongs to both rows of cells
+    assert background_cells(mask, (2, 1)).tolist() == [[[False], [False]]]
+
+
+def test_background_loss_by_hand():
+    # N=3, P=2, a 1×2 map: left cell background, right cell object (image 0 and 1); image 2 is all object.
+    distances = torch.tensor(
+        [
+            [[[1.0, 4.0]], [[5.0, 2.0]]],  # p0 nearer the background (hinge 4 − 1 + m), p1 nearer the object
+            [[[3.0, 3.0]], [[9.0, 0.5]]],  # a tie (hinge m), far enough (hinge 0)
+            [[[0.0, 0.0]], [[0.0, 0.0]]],  # no background cell: left out
+        ]
+    )
+    mask = torch.zeros(3, 4, 4, dtype=torch.bool)
+    mask[:, :, 2:] = True
+    mask[2] = True
+    margin = 0.5
+    expected = (max(4 - 1 + margin, 0) + max(2 - 5 + margin, 0) + margin + max(0.5 - 9 + margin, 0)) / 4
+    assert background_loss(distances, mask, margin).item() == pytest.approx(expected)
+    # The gradient pulls the nearest object patch in and pushes the nearest background patch out, only where violated.
+    distances.requires_grad_()
+    background_loss(distances, mask, margin).backward()
+    assert distances.grad[0, 0].tolist() == [[-0.25, 0.25]] and not distances.grad[0, 1].any()
+    assert not distances.grad[2].any()
+    # No image with both kinds of cells: 0, not nan.
+    assert background_loss(distances[2:], mask[2:], margin).item() == 0.0
+
+
+def test_background_term_joins_the_terms_only_with_a_mask():
+    logits, labels = torch.randn(2, 2), torch.tensor([0, 1])
+    distances = torch.rand(2, 4, 2, 2)
+    args = (logits, distances.flatten(2).amin(2), ASSIGNMENT, ASSIGNMENT, torch.zeros(2, 4), labels)
+    assert "background" not in all_loss_terms(*args)
+    mask = torch.zeros(2, 4, 4, dtype=torch.bool)
+    mask[:, :2] = True
+    terms = all_loss_terms(*args, distances=distances, object_mask=mask, background_margin=0.3)
+    assert terms["background"] == background_loss(distances, mask, 0.3)
+    # It counts in the total with its own weight, and the default weight (0) leaves it out.
+    without = {k: v for k, v in terms.items() if k != "background"}
+    assert weighted_total(terms, LossWeights()) == weighted_total(without, LossWeights())
+    total = weighted_total(terms, LossWeights(background=2.0))
+    assert total == pytest.approx(weighted_total(without, LossWeights()) + 2.0 * terms["background"])

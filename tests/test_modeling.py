@@ -9,6 +9,7 @@ from transformers import AutoImageProcessor, pipeline
 
 from protopool_hf import ProtoPoolForImageClassification, ProtoPoolOutput
 from protopool_hf.layers import slot_class_identity
+from protopool_hf.losses import background_loss, weighted_total
 from protopool_hf.modeling_protopool import ProtoPoolHead
 
 
@@ -40,6 +41,28 @@ def test_output_and_loss_terms(tiny_model):
         "similarities",
         "distances",
     ]
+
+
+def test_background_term_with_an_object_mask_and_a_weight(tiny_model):
+    """`object_mask` adds the background term only when the config's weight is not 0; the loss counts it once."""
+    torch.manual_seed(0)
+    pixels, labels = torch.randn(2, 3, 160, 160), torch.tensor([0, 1])
+    mask = torch.zeros(2, 160, 160, dtype=torch.bool)
+    mask[:, 40:120, 40:120] = True  # the middle of the map is object, its border background
+    plain = tiny_model().eval()
+    assert "background" not in plain(pixels, labels=labels, object_mask=mask).loss_terms  # weight 0: off
+
+    model = tiny_model(background_weight=2.0, background_margin=0.5).eval()
+    out = model(pixels, labels=labels, object_mask=mask)
+    assert out.loss_terms["background"] == background_loss(out.distances, mask, 0.5)
+    without = {name: value for name, value in out.loss_terms.items() if name != "background"}
+    torch.testing.assert_close(
+        out.loss, weighted_total(without, model.loss_weights) + 2.0 * out.loss_terms["background"]
+    )
+    # Without a mask in the batch there is nothing to compute it on.
+    assert "background" not in model(pixels, labels=labels).loss_terms
+    with pytest.raises(ValueError, match="background_weight"):
+        tiny_model(background_weight=-1.0)
 
 
 def test_labels_out_of_range_are_refused_with_a_clear_message(tiny_model):

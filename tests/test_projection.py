@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from protopool_hf import ProtoPoolForImageClassification
+from protopool_hf.losses import background_cells
 from protopool_hf.projection import ProjectionResult, project_prototypes, prune_unused_prototypes
 
 
@@ -29,8 +30,11 @@ def stacked(examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([e["pixel_values"] for e in examples]), torch.tensor([e["labels"] for e in examples])
 
 
-def brute_force(model: ProtoPoolForImageClassification, examples: list[dict]) -> dict[int, tuple]:
-    """Nearest patch per used prototype with Python loops: (distance, image, row, col, label, vector)."""
+def brute_force(
+    model: ProtoPoolForImageClassification, examples: list[dict], allowed: list[torch.Tensor] | None = None
+) -> dict[int, tuple]:
+    """Nearest patch per used prototype with Python loops: (distance, image, row, col, label, vector); only the cells
+    where `allowed[i]` `(H, W)` is True, when given."""
     model.eval()
     prototypes = model.head.prototypes.detach().clone()
     with torch.no_grad():
@@ -43,6 +47,8 @@ def brute_force(model: ProtoPoolForImageClassification, examples: list[dict]) ->
                 continue
             for r in range(latent.shape[1]):
                 for c in range(latent.shape[2]):
+                    if allowed is not None and not allowed[i][r, c]:
+                        continue
                     d = float(((latent[:, r, c] - prototypes[p]) ** 2).sum())
                     if p not in best or d < best[p][0]:  # strict: the first (lowest index, row, col) wins ties
                         best[p] = (d, i, r, c, example["labels"], latent[:, r, c].clone())
@@ -87,6 +93,39 @@ def test_projection_equals_brute_force_search():
     text = result.summary(per_prototype=True)
     assert "5/7 prototypes projected" in text and "prototype 6: not projected" in text and "'toy'" in text
     assert repr(result) == result.summary()
+
+
+def test_projection_restricted_to_objects_takes_object_cells_only():
+    examples = build_examples(12)
+    model = build_model().eval()
+    with torch.no_grad():
+        height, width = model.latent_map(examples[0]["pixel_values"][None]).shape[-2:]
+    size = examples[0]["pixel_values"].shape[-2:]
+    for i, example in enumerate(examples):  # the object: the left half, the right half, or nothing (image 5)
+        mask = torch.zeros(size, dtype=torch.bool)
+        if i != 5:
+            mask[:, : size[1] // 2] = bool(i % 2)
+            mask[:, size[1] // 2 :] = not i % 2
+        example["object_mask"] = mask
+    allowed = [~background_cells(e["object_mask"][None], (height, width))[0] for e in examples]
+    expected = brute_force(model, examples, allowed)
+    unrestricted = brute_force(model, examples)
+    assert any(expected[p][1:4] != unrestricted[p][1:4] for p in expected)  # the restriction changes something
+
+    result = project_prototypes(model, examples, batch_size=5, restrict_to_objects=True)
+
+    for p, (_, image, row, col, _, vector) in expected.items():
+        assert (int(result.image_index[p]), int(result.row[p]), int(result.col[p])) == (image, row, col), p
+        assert allowed[image][row, col] and image != 5
+        torch.testing.assert_close(model.head.prototypes[p].detach(), vector, rtol=0, atol=1e-5)
+    # Masks missing or of another size: one message, before the prototypes move.
+    model = build_model()
+    before = model.head.prototypes.detach().clone()
+    for bad, match in (({}, "no `object_mask`"), ({"object_mask": torch.ones(3, 3, dtype=torch.bool)}, "shape")):
+        data = [{k: v for k, v in e.items() if k != "object_mask"} | bad for e in examples]
+        with pytest.raises(ValueError, match=match):
+            project_prototypes(model, data, batch_size=5, restrict_to_objects=True)
+    assert torch.equal(model.head.prototypes.detach(), before)
 
 
 def test_projected_prototype_is_the_latent_patch_exactly():

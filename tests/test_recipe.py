@@ -36,7 +36,9 @@ def test_each_phase_loss_is_set_by_the_recipe():
     recipe = ProtoPoolRecipe()
     assert recipe.phase_loss_weights("warmup") == recipe.phase_loss_weights("joint") == {}
     finetune = recipe.phase_loss_weights("finetune")
-    assert finetune == {"cluster_weight": 0.0, "separation_weight": 0.0, "orthogonality_weight": 0.0}
+    assert finetune == {
+        "cluster_weight": 0.0, "separation_weight": 0.0, "orthogonality_weight": 0.0, "background_weight": 0.0,
+    }  # fmt: skip
     finetune["cluster_weight"] = 1.0  # a copy: the recipe's own stays
     assert recipe.phase_loss_weights("finetune")["cluster_weight"] == 0.0
     with pytest.raises(ValueError, match="Unknown phase 'projection'"):

@@ -87,22 +87,23 @@ def test_warmup_trains_no_backbone_parameter_and_joint_does(tmp_path: Path):
     # Training logs: each term averaged like `loss` (so the weighted terms add up to it), the scale, the decayed lr.
     logs = [entry for entry in joint.state.log_history if "loss" in entry]
     assert len(logs) == 4
+    names = [name for name in LOSS_TERM_NAMES if name != "background"]  # weight 0 here: not a term of this loss
     for entry in logs:
-        assert set(LOSS_TERM_NAMES) | {"gumbel_scale", "learning_rate"} <= entry.keys()
-        total = weighted_total({name: torch.tensor(entry[name]) for name in LOSS_TERM_NAMES}, model.loss_weights)
+        assert set(names) | {"gumbel_scale", "learning_rate"} <= entry.keys() and "background" not in entry
+        total = weighted_total({name: torch.tensor(entry[name]) for name in names}, model.loss_weights)
         assert float(total) == pytest.approx(entry["loss"], rel=1e-5, abs=1e-6)
     assert [entry["learning_rate"] for entry in logs] == pytest.approx([1e-4, 1e-4, 5e-5, 5e-5])
     assert [entry["gumbel_scale"] for entry in logs] == pytest.approx([1000 * math.sqrt(2 / 4)] * 2 + [866.0254] * 2)
 
     # Evaluation: the terms with the eval prefix, no mixup (the eval loss is the model's own loss).
     metrics = joint.evaluate()
-    assert {f"eval_{name}" for name in LOSS_TERM_NAMES} | {"eval_loss", "eval_accuracy"} <= metrics.keys()
+    assert {f"eval_{name}" for name in names} | {"eval_loss", "eval_accuracy"} <= metrics.keys()
     model.eval()
     batch = collate_fn([val[i] for i in range(len(val))])
     with torch.no_grad():
         reference = model(**batch)
     assert metrics["eval_loss"] == pytest.approx(float(reference.loss), rel=1e-5)
-    for name in LOSS_TERM_NAMES:
+    for name in names:
         assert metrics[f"eval_{name}"] == pytest.approx(float(reference.loss_terms[name]), rel=1e-5, abs=1e-7)
 
 
@@ -149,6 +150,24 @@ def test_trainer_loss_with_and_without_mixup(tmp_path: Path):
         terms = model.loss_terms(model(pixel_values=pixels), labels, labels[perm], lam)
     assert torch.equal(outputs.loss, weighted_total(terms, model.loss_weights))
     assert not torch.equal(outputs.loss, model(pixel_values=pixels, labels=labels).loss)
+    # An object mask in the batch is mixed too: the object of either image.
+    masked = fashion_model(background_weight=1.0)
+    mask = torch.zeros(8, *batch["pixel_values"].shape[-2:], dtype=torch.bool)
+    mask[0, :10] = mask[1:, 20:] = True
+    seen = {}
+
+    def record(module, args, kwargs, output):  # the batch the model's forward received
+        seen.update(kwargs)
+
+    handle = masked.register_forward_hook(record, with_kwargs=True)
+    trainer = ProtoPoolTrainer(model=masked, args=trainer_args(tmp_path), data_collator=collate_fn, mixup_alpha=0.5)
+    masked.train()
+    with torch.no_grad():
+        trainer.compute_loss(masked, {**batch, "object_mask": mask})
+    handle.remove()
+    lam, perm = mixup_draw(0.5, 8, 0, 0, 0, 0)  # this trainer's first draw
+    assert torch.equal(seen["object_mask"], mask | mask[torch.as_tensor(perm)])
+    assert "background" in trainer._drain_terms("train")
     with pytest.raises(ValueError, match="mixup_labels"):
         model(pixel_values=pixels, mixup_labels=labels[perm], mixup_lambda=lam)
     with pytest.raises(ValueError, match="mixup_alpha"):

@@ -14,13 +14,16 @@ import torch
 from transformers import TrainerCallback
 
 from protopool_hf import ProtoPoolForImageClassification
+from protopool_hf.data import load_fashion_mnist
+from protopool_hf.losses import LOSS_TERM_NAMES, background_cells
 from protopool_hf.recipe import ProtoPoolRecipe
 from protopool_hf.training import finish_distributed, split_train_validation, train_protopool
-from protopool_hf.transforms import collate_fn
+from protopool_hf.transforms import collate_fn, make_transforms
 
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from protopool_tiny import (
+    FASHION_MNIST,
     assert_state_dicts_equal,
     fashion_config,
     fashion_mnist,
@@ -119,7 +122,7 @@ class RecordLossWeights(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if "loss" in logs:
-            terms = {"cross_entropy", "cluster", "separation", "orthogonality", "l1"} & logs.keys()
+            terms = set(LOSS_TERM_NAMES) & logs.keys()
             self.logged.setdefault(Path(args.output_dir).name, set()).update(terms)
 
 
@@ -140,6 +143,38 @@ def test_each_phase_trains_the_model_loss_with_the_recipe_loss_weights(tmp_path:
     saved = ProtoPoolForImageClassification.from_pretrained(tmp_path / "run").config
     for model_config in (result.model.config, saved):
         assert tuple(getattr(model_config, name) for name in RecordLossWeights.NAMES) == main
+
+
+def test_recipe_with_object_masks_trains_the_background_term_and_projects_onto_objects(tmp_path: Path):
+    """The demo's options beyond the official method: object masks in the batches, the background term, the
+    projection restricted to object cells."""
+    config = fashion_config(background_weight=1.0)
+    raw = load_fashion_mnist(FASHION_MNIST, split="train", limit=16)
+    train = raw.with_transform(make_transforms(config, train=True, object_mask="nonzero"))
+    plain = raw.with_transform(make_transforms(config, train=False, object_mask="nonzero"))
+    record = RecordLossWeights()
+    recipe = tiny_recipe(
+        tmp_path / "run", joint_epochs=1, eval_strategy="no", save_strategy="no", projection_restrict_to_objects=True
+    )
+    with pytest.warns(UserWarning, match="with an object cell was among the 16 scanned"):  # 16 images, 10 classes
+        result = train_protopool(
+            fashion_model(seed=0, background_weight=1.0), train, None, plain, recipe, callbacks=[record]
+        )
+    assert "background" in record.logged["joint"] and "background" not in record.logged["finetune"]
+    model, projection = result.model, result.projection
+    size = tuple(config.input_size[1:])
+    with torch.no_grad():
+        height, width = model.latent_map(torch.zeros(1, 3, *size)).shape[-2:]
+    for p in projection.used:
+        if projection.is_projected[p]:
+            mask = plain[int(projection.image_index[p])]["object_mask"][None]
+            assert not background_cells(mask, (height, width))[0, projection.row[p], projection.col[p]]
+    # Without masks in the projection data the recipe stops before any training.
+    plain_without = raw.with_transform(make_transforms(config, train=False))
+    again = tiny_recipe(tmp_path / "again", projection_restrict_to_objects=True)
+    with pytest.raises(ValueError, match="no `object_mask`"):
+        train_protopool(fashion_model(), train, None, plain_without, again)
+    assert not (tmp_path / "again" / "warmup").exists()
 
 
 def test_train_protopool_checks_its_arguments(tmp_path: Path):

@@ -13,7 +13,8 @@ import torch
 from protopool_hf import ProtoPoolConfig
 from protopool_hf.data import from_hf_dataset, load_fashion_mnist
 from protopool_hf.images import decode_image
-from protopool_hf.transforms import collate_fn, make_transforms
+from protopool_hf.preprocessing import EvalTransform
+from protopool_hf.transforms import collate_fn, make_transforms, nonzero_pixels
 
 
 FASHION = Path(__file__).parent / "data" / "fashion-mnist"
@@ -149,6 +150,36 @@ def test_fashion_mnist_through_the_transform():
     assert torch.isfinite(batch["pixel_values"]).all()
     # greyscale in, three equal channels out
     assert torch.equal(batch["pixel_values"][:, 0], batch["pixel_values"][:, 1])
+
+
+def test_object_masks_follow_the_transformed_images():
+    """`object_mask="nonzero"`: the garment's pixels of each transformed image, through the augmentation too."""
+    config = ProtoPoolConfig(
+        backbone="test_resnet", num_labels=10, num_prototypes=20, num_slots_per_class=2, input_size=[3, 56, 56]
+    )
+    raw = load_fashion_mnist(FASHION, limit=4)
+    plain = raw.with_transform(make_transforms(config, train=False, object_mask="nonzero"))
+    batch = collate_fn(plain.__getitems__([0, 1, 2, 3]))
+    assert batch["object_mask"].shape == (4, 56, 56) and batch["object_mask"].dtype == torch.bool
+    view = EvalTransform(config).view
+    for row in range(4):  # the eval transform squashes 28 -> 56 px: the mask is the model view's non-black pixels
+        resized = np.asarray(view(raw[row]["image"].convert("RGB"))).max(axis=2)
+        assert np.array_equal(batch["object_mask"][row].numpy(), resized > 0)
+        assert 0.2 < (resized > 0).mean() < 1
+    # Under augmentation the mask is taken from the augmented image itself.
+    data = {**config.data_config(), "color_jitter": None}
+    augmented = raw.with_transform(make_transforms(data, train=True, object_mask="nonzero"))
+    rows = augmented.__getitems__([0, 1])
+    rule = nonzero_pixels(data["mean"], data["std"])
+    for item in rows:
+        assert torch.equal(item["object_mask"], rule(item["pixel_values"]))
+        assert 0 < item["object_mask"].float().mean() < 1
+    # A function of the pixel values works too; the masks pass through collate_fn only when every row has one.
+    ones = raw.with_transform(make_transforms(config, train=False, object_mask=lambda px: px[0] > -10))
+    assert collate_fn(ones.__getitems__([0, 1]))["object_mask"].all()
+    assert "object_mask" not in collate_fn([rows[0], {k: v for k, v in rows[1].items() if k != "object_mask"}])
+    with pytest.raises(ValueError, match="object_mask must be one of"):
+        make_transforms(config, train=False, object_mask="grabcut")
 
 
 def _labels(path: Path) -> list[int]:

@@ -10,12 +10,15 @@ evaluates on the full 10 000-image test split, and writes into the output folder
     model/                  the model folder: weights, config, code, model card (README.md), prototypes/*.png
     model/prototypes/gallery.png   every prototype a class uses, as the training patch it was projected on
     model/examples/*.png    one test image per class, the explorer app's examples (`protopool-hf app demo-output/model`)
+    model/interpretability.json    the interpretability report (also on the model card)
     explanations/*.png      why the model classified a few test images as it did
-    metrics.json            test accuracy, timings, sizes and the settings
+    metrics.json            test accuracy, the interpretability report (`interpretability`, with the `headline`
+                            figures the demo is judged on), timings, sizes and the settings
     run/                    the recipe's phase checkpoints
 
-The sizes (`DemoSettings`) were chosen to finish training and evaluation within 15 minutes on 2 CPU cores (7.5 to
-11 min measured, 88.55 % test accuracy); docs/performance.md records what was measured and what other settings gave.
+The model is judged on both axes: test accuracy and, on the first 1 000 test images (object: raw pixel > 0), how
+many prototypes and evidence boxes sit on the background. The settings (`DemoSettings`) were chosen to meet the
+targets of both within 10 minutes on 2 CPU cores; docs/performance.md records what was tried and what it gave.
 """
 
 import argparse
@@ -52,16 +55,22 @@ class DemoSettings:
     faster), a last-layer learning rate of 0.01 in fine-tuning (official 1e-4), an initial last-layer weight of 10
     from each slot to its class (official 1: with 5 slots per class and a frozen last layer, the logits are
     otherwise too small for the cross-entropy to fall in 4 epochs), cluster and separation weights of 0.05 and
-    0.005 (official 0.8 and 0.08: in a 3-epoch joint phase they compete with the cross-entropy), a small pool (P=50, S=5, D=64), and an earlier backbone stage (stride 16) so that a
-    64 px input gives a 4×4 prototype map (96 px and 80 px were tried: fewer images fit in the budget and the
-    accuracy was lower). The base learning rate (1e-3: head 3e-3) and the Gumbel scale schedule are the official
-    ones. `channels_last` only changes speed (about 1.7× faster EfficientNet training on the CPU).
+    0.005 (official 0.8 and 0.08: in a 3-epoch joint phase they compete with the cross-entropy), a small pool
+    (P=50, S=5, D=64), and an earlier backbone stage (stride 16) so that a 64 px input gives a 4×4 prototype map
+    (96 px and 80 px were tried: fewer images fit in the budget and the accuracy was lower). The Gumbel scale
+    reaches its 1000 over the 4 epochs before the projection (`gumbel_scale_epochs=4`; official: over 30 epochs,
+    which a 4-epoch run never reaches: the assignment stayed soft and classes repeated a prototype in two slots).
+    Beyond the official method: the background term (`background_weight=1`, margin 1) on the garment's pixels
+    (raw pixel > 0), which keeps every prototype's nearest patch on the garment; without it a third of the
+    prototypes and of the evidence sat on the black background. `restrict_projection` (off) projects onto garment
+    patches only. The base learning rate (1e-3: head 3e-3) is the official one. `channels_last` only changes speed
+    (about 1.7× faster EfficientNet training on the CPU).
     """
 
     backbone: str = "tf_efficientnet_lite0"
     image_size: int = 64
     feature_stage: int | None = 3
-    train_images: int = 16000
+    train_images: int = 32000
     test_images: int | None = None
     num_prototypes: int = 50
     num_slots_per_class: int = 5
@@ -77,13 +86,17 @@ class DemoSettings:
     mixup_alpha: float = 0.0
     cluster_weight: float = 0.05
     separation_weight: float = 0.005
+    background_weight: float = 1.0
+    background_margin: float = 1.0
+    restrict_projection: bool = False
     gumbel_per_step: bool = False
     gumbel_scale_max: float = 1000.0
-    gumbel_scale_epochs: int = 30
+    gumbel_scale_epochs: int = 4  # warm-up + joint: the assignment is hard (s = 1000) before the projection
     batch_size: int = 64
     eval_batch_size: int = 250
     augment_scale: tuple[float, float] = (0.8, 1.0)
     explanations: int = 4
+    interpretability_images: int | None = 1000
     channels_last: bool = True
     seed: int = 0
     threads: int | None = None
@@ -107,6 +120,7 @@ def quick_settings() -> DemoSettings:
         finetune_epochs=1,
         gumbel_scale_epochs=2,
         explanations=2,
+        interpretability_images=200,
     )
 
 
@@ -123,9 +137,13 @@ def load_data(settings: DemoSettings, config: Any) -> dict[str, Any]:
     test_raw = load_fashion_mnist(root, split="test", limit=settings.test_images)
     data = dict(config.data_config())
     augment = {**data, "scale": tuple(settings.augment_scale), "ratio": (0.9, 1.1), "hflip": 0.5, "color_jitter": None}
+    object_mask = "nonzero" if settings.background_weight else None  # the garment: raw pixel > 0
+    projection_mask = "nonzero" if settings.restrict_projection else None
     return {
-        "train": train_raw.with_transform(make_transforms(augment, train=True, seed=settings.seed)),
-        "projection": train_raw.with_transform(make_transforms(config, train=False)),
+        "train": train_raw.with_transform(
+            make_transforms(augment, train=True, seed=settings.seed, object_mask=object_mask)
+        ),
+        "projection": train_raw.with_transform(make_transforms(config, train=False, object_mask=projection_mask)),
         "test": test_raw.with_transform(make_transforms(config, train=False)),
         "train_raw": train_raw,
         "test_raw": test_raw,
@@ -147,6 +165,8 @@ def build_config(settings: DemoSettings, weights: Path) -> Any:
         prototype_dim=settings.prototype_dim,
         cluster_weight=settings.cluster_weight,
         separation_weight=settings.separation_weight,
+        background_weight=settings.background_weight,
+        background_margin=settings.background_margin,
         last_layer_correct_connection=settings.last_layer_correct_connection,
         gumbel_scale_max=settings.gumbel_scale_max,
         gumbel_scale_epochs=settings.gumbel_scale_epochs,
@@ -238,6 +258,7 @@ def run_protopool(settings: DemoSettings, output_dir: Path, save_pictures: bool 
         train_batch_size=settings.batch_size,
         eval_batch_size=settings.eval_batch_size,
         projection_batch_size=settings.eval_batch_size,
+        projection_restrict_to_objects=settings.restrict_projection,
         eval_strategy="no",
         save_strategy="no",
         load_best_model_at_end=False,
@@ -276,10 +297,65 @@ def run_protopool(settings: DemoSettings, output_dir: Path, save_pictures: bool 
         "settings": settings.to_dict(),
     }
     print(f"Test accuracy: {100 * test['accuracy']:.2f} % ({test['images']} images)", flush=True)
+    report = None
+    if settings.interpretability_images:
+        start = time.perf_counter()
+        report = measure_interpretability(model, data, settings.interpretability_images)
+        metrics["interpretability_seconds"] = time.perf_counter() - start
+        metrics["interpretability"] = {**report.to_dict(), "headline": headline(report)}
+        metrics["train_and_eval_seconds"] = time.perf_counter() - started
+        print(summary_line(metrics), flush=True)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if save_pictures:
-        metrics.update(write_outputs(model, data, output_dir, settings, metrics, recipe))
+        metrics.update(write_outputs(model, data, output_dir, settings, metrics, recipe, report))
     return metrics
+
+
+def measure_interpretability(model: torch.nn.Module, data: dict[str, Any], max_images: int) -> Any:
+    """The `InterpretabilityReport` on the test split (object mask: raw pixel > 0), under both localisations.
+
+    The box-based metrics and the nearest-cell figure use the first `max_images` test images, the structure metrics
+    every one.
+    """
+    from protopool_hf import evaluate_interpretability
+
+    print(f"Measuring interpretability (box metrics on the first {max_images} test images) ...", flush=True)
+    return evaluate_interpretability(
+        model,
+        data["test_raw"],
+        masks="fashion-mnist",
+        projection_dataset=data["train_raw"],
+        max_images=max_images,
+        progress=True,
+    )
+
+
+def headline(report: Any) -> dict[str, Any]:
+    """The figures the demo is judged on: the boxes of the localisation the deletion check finds more faithful, the
+    localisation-free nearest-cell figure and the classes with a duplicated prototype."""
+    report = report.to_dict()
+    chosen = report["more_faithful_localisation"] or next(iter(report["localisations"]))
+    boxes = report["localisations"][chosen]
+    return {
+        "localisation": chosen,
+        "background_prototypes_share": boxes["prototype_sources"]["background_share"],
+        "background_prototypes": boxes["background_prototypes"],
+        "background_evidence_share": boxes["test_top_slots"]["background_share"],
+        "nearest_cell_background_share": report["top_slot_cells_background_share"],
+        "classes_with_duplicate_slots": sum(1 for n in report["duplicate_slots_per_class"] if n),
+    }
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    """One line with both kinds of numbers: accuracy and the interpretability headline."""
+    head = metrics["interpretability"]["headline"]
+    return (
+        f"Test accuracy {100 * metrics['test_accuracy']:.2f} %; background prototypes "
+        f"{100 * head['background_prototypes_share']:.1f} % and background evidence "
+        f"{100 * head['background_evidence_share']:.1f} % ({head['localisation']} boxes), nearest-cell evidence "
+        f"{100 * head['nearest_cell_background_share']:.1f} % background, "
+        f"{head['classes_with_duplicate_slots']} classes with a duplicated prototype."
+    )
 
 
 def write_outputs(
@@ -289,16 +365,22 @@ def write_outputs(
     settings: DemoSettings,
     metrics: dict[str, Any],
     recipe: Any,
+    report: Any | None = None,
 ) -> dict[str, Any]:
-    """The model folder (weights, card, prototype pictures), explanations of test images, a reload check."""
+    """The model folder (weights, card, prototype pictures, interpretability report), explanations of test images,
+    a reload check."""
     from transformers import AutoModelForImageClassification
 
     from protopool_hf import explain
+    from protopool_hf.hub import refresh_model_card
 
     start = time.perf_counter()
     folder = output_dir / "model"
     print(f"Writing the model folder, the prototype pictures and the model card to {folder} ...", flush=True)
     save_demo_model_folder(model, folder, data["train_raw"], metrics["test_accuracy"], recipe)
+    if report is not None:  # the card's Interpretability section
+        report.save(folder, overwrite=True)
+        refresh_model_card(folder, model=model)
     write_example_images(folder / "examples", data["test_raw"], model.config.id2label)
     explanations = output_dir / "explanations"
     explanations.mkdir(parents=True, exist_ok=True)
@@ -511,6 +593,12 @@ def main(argv: list[str] | None = None) -> None:
         f"{metrics['feature_map'][0]}x{metrics['feature_map'][1]} prototype map); training + evaluation took "
         f"{minutes:.1f} min."
     )
+    if "interpretability" in metrics:
+        print(summary_line(metrics))
+        print(
+            f"Interpretability report: {Path(metrics['model_folder']) / 'interpretability.json'} (box metrics on the "
+            f"first {metrics['interpretability']['num_localised_images']} test images; also in metrics.json)"
+        )
     print(f"Prototype gallery: {metrics['gallery']}")
     print(f"Prototype pictures: {Path(metrics['model_folder']) / 'prototypes'}")
     print(f"Explanations: {output_dir / 'explanations'}")

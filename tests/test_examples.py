@@ -140,3 +140,63 @@ def test_demo_writes_one_enlarged_example_image_per_class_for_the_explorer(tmp_p
     with PIL.Image.open(written[0]) as image:
         assert image.size == (112, 112)
         assert np.array_equal(np.asarray(image)[::4, ::4], np.asarray(first["image"].convert("L")))
+
+
+def test_demo_reports_both_axes_with_the_more_faithful_localisation():
+    """The demo's metrics: accuracy and the interpretability headline, whose boxes come from the localisation with the
+    larger deletion gain; the summary line names every target figure."""
+    from protopool_tiny import fashion_model
+
+    from protopool_hf.data import load_fashion_mnist
+    from protopool_hf.projection import project_prototypes
+    from protopool_hf.transforms import make_transforms
+
+    data_dir = Path(__file__).parent / "data" / "fashion-mnist"
+    model = fashion_model().eval()
+    data = {"test_raw": load_fashion_mnist(data_dir, split="test", limit=8)}
+    data["train_raw"] = load_fashion_mnist(data_dir, split="train", limit=40)
+    project_prototypes(model, data["train_raw"].with_transform(make_transforms(model.config, train=False)))
+    report = demo.measure_interpretability(model, data, max_images=4)
+    head = demo.headline(report)
+    content = report.to_dict()
+    gains = {name: scores["deletion_gain"] for name, scores in content["localisations"].items()}
+    assert head["localisation"] == max(gains, key=gains.get) == content["more_faithful_localisation"]
+    boxes = content["localisations"][head["localisation"]]
+    assert head["background_evidence_share"] == boxes["test_top_slots"]["background_share"]
+    assert head["background_prototypes_share"] == boxes["prototype_sources"]["background_share"]
+    assert head["nearest_cell_background_share"] == content["top_slot_cells_background_share"]
+    assert head["classes_with_duplicate_slots"] == sum(n > 0 for n in content["duplicate_slots_per_class"])
+    assert content["num_localised_images"] == 4 and content["num_images"] == 8
+    line = demo.summary_line({"test_accuracy": 0.875, "interpretability": {"headline": head}})
+    assert line.startswith("Test accuracy 87.50 %;") and f"({head['localisation']} boxes)" in line
+
+
+def test_prototype_pairs_shares_agree_with_the_report_and_the_figure_has_one_panel_per_item(tmp_path, monkeypatch):
+    """`examples/prototype_pairs.py`: the per-prototype object shares are the report's source boxes, one by one."""
+    import prototype_pairs
+    from protopool_tiny import fashion_model
+
+    from protopool_hf import evaluate_interpretability
+    from protopool_hf.data import load_fashion_mnist
+    from protopool_hf.hub import save_model_folder
+    from protopool_hf.projection import project_prototypes
+    from protopool_hf.transforms import make_transforms
+
+    data_dir = Path(__file__).parent / "data" / "fashion-mnist"
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(data_dir))
+    train = load_fashion_mnist(data_dir, split="train", limit=40)
+    model = fashion_model().eval()
+    project_prototypes(model, train.with_transform(make_transforms(model.config, train=False)))
+    save_model_folder(model, tmp_path / "model", dataset=train)
+    shares = prototype_pairs.object_shares(str(tmp_path / "model"))
+    report = evaluate_interpretability(
+        model, train, masks="fashion-mnist", localisation="upsampled", max_images=1
+    ).localisations["upsampled"]
+    assert [share for _, share in shares] == sorted(share for _, share in shares)
+    assert len(shares) == report.prototype_sources.count
+    assert np.mean([share for _, share in shares]) == pytest.approx(report.prototype_sources.mean_object_share)
+    assert sorted(p for p, share in shares if share < 0.1) == report.background_prototypes
+    first, last = shares[0][0], shares[-1][0]
+    out = prototype_pairs.figure([f"{tmp_path / 'model'}:{first}:least", f"{tmp_path / 'model'}:{last}:most"])
+    with PIL.Image.open(tmp_path / "model" / "prototypes" / f"prototype_{first:03d}_source.png") as source:
+        assert out.height == source.height * 4 + 20  # the caption line above the pictures, drawn 4× larger

@@ -590,8 +590,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"\nTest accuracy: {100 * metrics['test_accuracy']:.2f} % on {metrics['test_images']} Fashion-MNIST test "
         f"images ({metrics['prototypes_used']} of {metrics['prototypes_total']} prototypes used, "
-        f"{metrics['feature_map'][0]}x{metrics['feature_map'][1]} prototype map); training + evaluation took "
-        f"{minutes:.1f} min."
+        f"{metrics['feature_map'][0]}x{metrics['feature_map'][1]} prototype map); training and evaluation "
+        f"(accuracy and interpretability) took {minutes:.1f} min."
     )
     if "interpretability" in metrics:
         print(summary_line(metrics))

@@ -185,7 +185,7 @@ class ProtoPoolRecipe:
             ```python
             >>> from protopool_hf.recipe import ProtoPoolRecipe
             >>> ProtoPoolRecipe().phase_loss_weights("finetune")
-            {'cluster_weight': 0.0, 'separation_weight': 0.0, 'orthogonality_weight': 0.0}
+            {'cluster_weight': 0.0, 'separation_weight': 0.0, 'orthogonality_weight': 0.0, 'background_weight': 0.0}
             >>> ProtoPoolRecipe().phase_loss_weights("joint")
             {}
 

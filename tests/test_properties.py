@@ -73,6 +73,8 @@ FIELDS = {
     "separation_weight": POSITIVE_FLOAT,
     "orthogonality_weight": POSITIVE_FLOAT,
     "l1_weight": POSITIVE_FLOAT,
+    "background_weight": POSITIVE_FLOAT,
+    "background_margin": POSITIVE_FLOAT,
     "last_layer_correct_connection": st.one_of(
         st.floats(-20, 20), st.sampled_from([float("inf"), float("nan")]), JUNK
     ),

@@ -49,7 +49,7 @@ class DemoSettings:
     """The demo's sizes and hyperparameters (the defaults are the measured demo setting).
 
     Non-official choices (the official recipe's defaults live in `ProtoPoolRecipe` and `ProtoPoolConfig`), each
-    measured in docs/performance.md: a short schedule (1 warm-up, 3 joint, 2 fine-tuning epochs on 16 000 images),
+    measured in docs/performance.md: a short schedule (1 warm-up, 3 joint, 2 fine-tuning epochs on 32 000 images),
     no mixup, a backbone learning rate of 9e-4 in the joint phase (official: lr/10 = 1e-4) with the stem and the
     first two stages frozen (official: the whole backbone trains; freezing them makes a joint step about 1.4×
     faster), a last-layer learning rate of 0.01 in fine-tuning (official 1e-4), an initial last-layer weight of 10

@@ -1,6 +1,6 @@
 """Head-only ProtoPool experiments on cached, frozen backbone features (how docs/performance.md's head-only table was made).
 
-Training the whole demo model takes 8 to 11 minutes on 2 CPU cores; training only the ProtoPool head on feature
+Training the whole demo model takes minutes on 2 CPU cores; training only the ProtoPool head on feature
 maps that were computed once takes seconds, so many settings can be compared. The protocol (the `run` subcommand):
 
 1. main phase: `epochs` epochs of Adam on the add-on, prototypes and slot logits (the warm-up groups of

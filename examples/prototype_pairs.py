@@ -2,6 +2,8 @@
 
     # each used prototype's object share (the box the pictures draw, on its source image; raw pixel > 0 is object)
     python examples/prototype_pairs.py shares demo-output/model
+    # the same by the issue's rule for crops: pixels brighter than 0.15 are object
+    python examples/prototype_pairs.py shares demo-output/model --brighter-than 0.15
     # a figure: per FOLDER:ID:CAPTION, the prototype's source image with its box and its similarity heat map
     python examples/prototype_pairs.py figure out.png demo-output/model:12:good demo-output/model:4:bad
 
@@ -19,8 +21,12 @@ import PIL.Image
 import PIL.ImageDraw
 
 
-def object_shares(folder: str) -> list[tuple[int, float]]:
-    """(prototype, object share of its source box) for every used, projected prototype, least object first."""
+def object_shares(folder: str, brighter_than: float | None = None) -> list[tuple[int, float]]:
+    """(prototype, object share of its source box) for every used, projected prototype, least object first.
+
+    Object: the report's rule, raw pixel > 0 resized to the model view by nearest neighbour; with `brighter_than`,
+    the issue's rule for crops instead: pixels of the model view (the crop the pictures show) brighter than it (0-1).
+    """
     import torch
 
     from protopool_hf import ProtoPoolForImageClassification
@@ -41,6 +47,8 @@ def object_shares(folder: str) -> list[tuple[int, float]]:
             view = model_view(image, model.config)  # the demo squashes the whole image: no crop
             # The report's rule: raw pixel > 0, resized to the model view by nearest neighbour.
             mask = np.asarray(PIL.Image.fromarray(nonzero_mask(image)).resize(view.size, PIL.Image.NEAREST))
+            if brighter_than is not None:
+                mask = np.asarray(view.convert("L")) > brighter_than * 255
             top, bottom, left, right = high_activation_box(prototype_activation(model, image, p), 95)
             shares.append((p, float(mask[top:bottom, left:right].mean())))
     return sorted(shares, key=lambda item: item[1])
@@ -77,13 +85,19 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     shares = commands.add_parser("shares", help="each used prototype's object share, least object first")
     shares.add_argument("folder")
+    shares.add_argument(
+        "--brighter-than", type=float, default=None, help="the issue's crop rule: object = view pixels above it (0-1)"
+    )
     draw = commands.add_parser("figure", help="write a figure of FOLDER:ID:CAPTION items")
     draw.add_argument("out")
     draw.add_argument("items", nargs="+")
     args = parser.parse_args()
     if args.command == "shares":
-        for prototype, share in object_shares(args.folder):
+        shares = object_shares(args.folder, args.brighter_than)
+        for prototype, share in shares:
             print(f"prototype {prototype}: {100 * share:.0f} % object")
+        background = [p for p, share in shares if share < 0.1]
+        print(f"background (under 10 % object): {len(background)} of {len(shares)} {background}")
     else:
         figure(args.items).save(args.out)
         print(f"Written {args.out}")

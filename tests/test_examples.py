@@ -196,6 +196,10 @@ def test_prototype_pairs_shares_agree_with_the_report_and_the_figure_has_one_pan
     assert len(shares) == report.prototype_sources.count
     assert np.mean([share for _, share in shares]) == pytest.approx(report.prototype_sources.mean_object_share)
     assert sorted(p for p, share in shares if share < 0.1) == report.background_prototypes
+    # The crop rule (view pixels brighter than a threshold): fewer object pixels as the threshold rises.
+    bright = [dict(prototype_pairs.object_shares(str(tmp_path / "model"), t)) for t in (0.0, 0.15, 1.0)]
+    assert all(bright[0][p] >= bright[1][p] >= bright[2][p] == 0.0 for p in bright[0])
+    assert sorted(bright[0]) == sorted(p for p, _ in shares)
     first, last = shares[0][0], shares[-1][0]
     out = prototype_pairs.figure([f"{tmp_path / 'model'}:{first}:least", f"{tmp_path / 'model'}:{last}:most"])
     with PIL.Image.open(tmp_path / "model" / "prototypes" / f"prototype_{first:03d}_source.png") as source:

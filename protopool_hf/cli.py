@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="initial last-layer weight of a slot to its class (official 1)",
     )
+    model.add_argument(
+        "--background-weight",
+        type=float,
+        help="weight of the background term on the object pixels (needs --object-mask; not in the official method)",
+    )
     recipe = train.add_argument_group("recipe (defaults: the official code's)")
     recipe.add_argument("--warmup-epochs", type=non_negative_int, default=9, help="epochs of the warm-up phase")
     recipe.add_argument("--joint-epochs", type=non_negative_int, default=21, help="epochs of the joint phase")
@@ -103,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--batch-size", type=positive_int, default=80, help="per-device batch size")
     recipe.add_argument("--mixup-alpha", type=float, default=0.5, help="0 turns mixup off")
     recipe.add_argument("--gumbel-per-step", action="store_true", help="update the Gumbel scale every step")
+    recipe.add_argument(
+        "--object-mask",
+        choices=("nonzero",),
+        help="the object pixels of every image, for --background-weight and --restrict-projection (nonzero: not "
+        "black, as Fashion-MNIST's garments)",
+    )
+    recipe.add_argument(
+        "--restrict-projection",
+        action="store_true",
+        help="project onto object patches only (needs --object-mask; not in the official method)",
+    )
     recipe.add_argument(
         "--augment",
         dest="augmentation",

@@ -62,6 +62,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .transforms import collate_fn, make_transforms
 
     check_output_path("--output-dir", args.output_dir, folder=True)
+    for flag, needs_mask in (
+        ("--background-weight", args.background_weight),
+        ("--restrict-projection", args.restrict_projection),
+    ):
+        if needs_mask and args.object_mask is None:
+            raise ValueError(f"{flag} needs the object pixels: pass --object-mask nonzero (objects on black).")
     raw_train, raw_test = load_splits(args.dataset, args.data_root, args.limit)
     names = _labels(raw_train)
     overrides: dict[str, Any] = {
@@ -78,6 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ("cluster_weight", args.cluster_weight),
         ("separation_weight", args.separation_weight),
         ("last_layer_correct_connection", args.last_layer_correct_connection),
+        ("background_weight", args.background_weight),
     ):
         if value is not None:
             overrides[field] = value
@@ -105,18 +112,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         projection_batch_size=args.batch_size,
         mixup_alpha=args.mixup_alpha,
         gumbel_per_step=args.gumbel_per_step,
+        projection_restrict_to_objects=args.restrict_projection,
         seed=args.seed,
         num_workers=args.num_workers,
         use_cpu=args.cpu,
         bf16=args.bf16,
     )
     skip = args.skip_bad_images
-    eval_transform = make_transforms(config, train=False, skip_bad_images=skip)
+    mask = args.object_mask
+    eval_transform = make_transforms(config, train=False, skip_bad_images=skip, object_mask=mask)
+    train_transform = make_transforms(
+        config, train=True, augmentation=args.augmentation, seed=args.seed, skip_bad_images=skip, object_mask=mask
+    )
     result = train_protopool(
         model,
-        train.with_transform(
-            make_transforms(config, train=True, augmentation=args.augmentation, seed=args.seed, skip_bad_images=skip)
-        ),
+        train.with_transform(train_transform),
         val.with_transform(eval_transform) if len(val) else None,
         train.with_transform(eval_transform),
         recipe,

@@ -230,8 +230,9 @@ def make_transforms(
         skip_bad_images: skip unreadable images with one warning each instead of raising `UnreadableImageError`.
         object_mask: add `object_mask` (H, W) bool to every row, for the background term (`background_weight`) and
             the restricted projection: `"nonzero"` (objects on black, as Fashion-MNIST: `nonzero_pixels`) or a
-            function of the transformed `(3, H, W)` pixel values. Colour augmentation that lifts black
-            (`color_jitter`) would make the `"nonzero"` rule see object everywhere: switch it off.
+            function of the transformed `(3, H, W)` pixel values. Colour jitter lifts black and would make the
+            `"nonzero"` rule see object everywhere, so with it timm's augmentation has none unless a data-config
+            mapping asks for `color_jitter`.
 
     Returns:
         An `ImageTransform`; apply it with `ds.with_transform(...)` and batch with `collate_fn`.
@@ -242,6 +243,7 @@ def make_transforms(
         raise ValueError(f"object_mask must be one of {OBJECT_MASKS}, a function or None, got {object_mask!r}.")
     eval_transform = EvalTransform(config)
     data_config = eval_transform.data_config
+    object_mask_rule = object_mask
     if object_mask == "nonzero":
         object_mask = nonzero_pixels(data_config["mean"], data_config["std"])
     if not train:
@@ -256,6 +258,8 @@ def make_transforms(
 
         # timm's own training options in a data-config mapping (scale, ratio, hflip, color_jitter, ...) pass through.
         options = dict(config) if isinstance(config, Mapping) else {}
+        if isinstance(object_mask_rule, str):  # "nonzero" needs black to stay black: no colour jitter unless asked
+            options.setdefault("color_jitter", None)
         pipeline = create_transform(**{**options, **data_config}, is_training=True)
     num_labels = getattr(config, "num_labels", None)
     return ImageTransform(

@@ -166,10 +166,19 @@ def test_train_size_and_loss_flags_are_named_after_the_config_fields(capsys):
     config = ProtoPoolConfig(**TINY)
     for field in (
         "num_prototypes", "num_slots_per_class", "prototype_dim", "feature_stage", "cluster_weight",
-        "separation_weight", "last_layer_correct_connection",
+        "separation_weight", "last_layer_correct_connection", "background_weight",
     ):  # fmt: skip
         assert hasattr(config, field) and "--" + field.replace("_", "-") in flags, field
     assert "--num-slots" not in flags and "--last-layer-connection" not in flags
+
+
+@pytest.mark.parametrize("flag", [["--background-weight", "1"], ["--restrict-projection"]])
+def test_object_options_without_object_masks_are_refused_before_any_work(tmp_path, capsys, flag):
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "fashion-mnist", "--data-root", str(FASHION_MNIST), "--output-dir", str(out)]
+    assert main([*args, *flag]) == 2
+    _one_line_error(capsys, containing=f"{flag[0]} needs the object pixels: pass --object-mask nonzero")
+    assert not out.exists()
 
 
 def test_errors_are_one_line_with_status_2(tmp_path, model_folder, capsys):
@@ -187,6 +196,7 @@ def test_train_then_explain_on_fashion_mnist(tmp_path, capsys):
     args += ["--cluster-weight", "0.2", "--separation-weight", "0.02", "--last-layer-correct-connection", "10"]
     args += ["--finetune-lr", "0.01", "--backbone-lr", "0.002", "--frozen-backbone-stages", "1"]
     args += ["--dataset-name", "zalando-datasets/fashion_mnist"]
+    args += ["--object-mask", "nonzero", "--background-weight", "1", "--restrict-projection"]
     out.mkdir()  # an older model in the folder: refused, then replaced with --overwrite
     (out / "README.md").write_text("the card of an older model")
     assert main(args) == 2
@@ -203,6 +213,7 @@ def test_train_then_explain_on_fashion_mnist(tmp_path, capsys):
     recipe = json.loads((out / "protopool_recipe.json").read_text())
     assert (recipe["finetune_learning_rate"], recipe["backbone_learning_rate"]) == (0.01, 0.002)
     assert recipe["frozen_backbone_stages"] == 1
+    assert config["background_weight"] == 1.0 and recipe["projection_restrict_to_objects"] is True
     assert (out / "prototypes" / "gallery.png").is_file()
     printed = capsys.readouterr().out
     assert '"test_accuracy"' in printed

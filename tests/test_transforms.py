@@ -174,6 +174,11 @@ def test_object_masks_follow_the_transformed_images():
     for item in rows:
         assert torch.equal(item["object_mask"], rule(item["pixel_values"]))
         assert 0 < item["object_mask"].float().mean() < 1
+    # A config's own timm augmentation keeps black black under the rule (no colour jitter unless a mapping asks).
+    jittered = raw.with_transform(make_transforms(config, train=True, object_mask="nonzero")).__getitems__([0, 1])
+    for item in jittered:
+        assert 0.2 < item["object_mask"].float().mean() < 0.95
+        assert torch.equal(item["object_mask"], rule(item["pixel_values"]))
     # A function of the pixel values works too; the masks pass through collate_fn only when every row has one.
     ones = raw.with_transform(make_transforms(config, train=False, object_mask=lambda px: px[0] > -10))
     assert collate_fn(ones.__getitems__([0, 1]))["object_mask"].all()

@@ -9,7 +9,6 @@ become invisible). Pixel parameters of the references (±36 px consistency box, 
 are scaled to the model's input size.
 """
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 from .deletion import curve_area, deletion_curves, mean_curve
 from .images import decode_image, to_rgb
 from .localisation import LOCALISATIONS, SmoothGrad, check_localisations, localisation_maps
+from .losses import cell_object_shares
 from .maps import distance_maps, high_activation_box
 from .metrics import (
     BACKGROUND_BELOW,
@@ -315,12 +315,8 @@ def evaluate_interpretability(
             c, ids = top[row][0], top[row][1:]
             distances = distance_maps(model, item.pixels[None])  # (1, P, H, W), shared by the maps below
             if item.mask is not None:
-                height, width = distances.shape[-2:]
-                for p in ids:
-                    r, q = divmod(int(distances[0, p].argmin()), width)
-                    y0, y1 = _cell_span(r, height, size[0])
-                    x0, x1 = _cell_span(q, width, size[1])
-                    cell_shares.append(float(item.mask[y0:y1, x0:x1].mean()))
+                cells = cell_object_shares(torch.from_numpy(item.mask)[None], distances.shape[-2:])[0].flatten()
+                cell_shares += [float(cells[int(distances[0, p].argmin())]) for p in ids]
             class_ids = None
             if item.keypoints is not None and label is not None:
                 class_ids = sorted({int(p) for p in slots[label]})
@@ -438,12 +434,6 @@ def evaluate_interpretability(
         more_faithful_localisation=max(gains, key=gains.get) if len(gains) > 1 else None,
         settings=settings,
     )
-
-
-def _cell_span(index: int, cells: int, pixels: int) -> tuple[int, int]:
-    """The input pixels `[start, end)` under latent cell `index` of `cells` along an axis of `pixels`."""
-    start = math.floor(index * pixels / cells)
-    return start, max(start + 1, math.floor((index + 1) * pixels / cells))
 
 
 def _purity(

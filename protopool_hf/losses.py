@@ -35,6 +35,7 @@ __all__ = [
     "all_loss_terms",
     "background_cells",
     "background_loss",
+    "cell_object_shares",
     "cluster_loss",
     "l1_off_class_loss",
     "mixup_cross_entropy",
@@ -137,15 +138,19 @@ def l1_off_class_loss(last_layer_weight: torch.Tensor, num_slots_per_class: int)
     return (last_layer_weight * off_class).abs().sum()
 
 
-def background_cells(object_mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """`(N, H, W)` True where a latent cell is background: under `BACKGROUND_BELOW` of its input pixels are object.
+def cell_object_shares(object_mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`(N, H, W)` the object share of the input pixels under each latent cell.
 
     Args:
         object_mask: `(N, H_in, W_in)` True on object pixels, at the model's input size.
         size: the latent map's `(H, W)`; cell (h, w) covers the input pixels adaptive average pooling gives it.
     """
-    share = F.adaptive_avg_pool2d(object_mask[:, None].float(), size)[:, 0]  # (N, H, W)
-    return share < BACKGROUND_BELOW
+    return F.adaptive_avg_pool2d(torch.as_tensor(object_mask)[:, None].float(), tuple(size))[:, 0]
+
+
+def background_cells(object_mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`(N, H, W)` True where a latent cell is background: `cell_object_shares` under `BACKGROUND_BELOW`."""
+    return cell_object_shares(object_mask, size) < BACKGROUND_BELOW
 
 
 def background_loss(distances: torch.Tensor, object_mask: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
@@ -205,7 +210,7 @@ def all_loss_terms(
     object_mask: torch.Tensor | None = None,
     background_margin: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """The five unweighted terms of one forward pass, as the official code computes them (and the background term).
+    """The five unweighted terms of one forward pass as the official code computes them, and the background term.
 
     Args:
         logits: `(N, C)`.
@@ -239,7 +244,7 @@ def all_loss_terms(
 
 
 def weighted_total(terms: dict[str, torch.Tensor], weights: LossWeights) -> torch.Tensor:
-    """CE + w_clst·cluster − w_sep·separation + w_orth·orthogonality + w_l1·L1 (+ w_bg·background) over the terms present."""
+    """CE + w_clst·cluster − w_sep·separation + w_orth·orth + w_l1·L1 + w_bg·background, over the terms present."""
     signs = {"separation": -1.0}
     total = None
     for name, value in terms.items():

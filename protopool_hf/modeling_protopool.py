@@ -426,6 +426,9 @@ class ProtoPoolForImageClassification(GumbelScheduleMixin, ProtoPoolPreTrainedMo
             mixup_labels: `(N,)` the labels of the images mixed in; CE is then λ·CE(labels) + (1 − λ)·CE(mixup_labels).
             mixup_lambda: the mixup coefficient λ.
             object_mask: `(N, H_in, W_in)` object pixels: adds the `background` term when its weight is not 0.
+
+        Returns:
+            The terms by name (`losses.LOSS_TERM_NAMES`), unweighted.
         """
         labels = self._check_labels(labels)
         head, config = self.head, self.config

@@ -86,10 +86,10 @@ class ImageTransform:
 
     Maps `{"image": [...], "label": [...], "index": [...]}` to `pixel_values` (N, 3, H, W) float32, `labels` (N,)
     int64, when the batch has it, `index` (N,) int64 and, with an `object_mask` rule, `object_mask` (N, H, W) bool
-    (the rule applied to each transformed image, so it follows the augmentation). Training augmentation is seeded per sample by
-    (seed, epoch, index), so a resumed run sees the same augmented images; call `set_epoch` with the 0-based
-    Trainer epoch at each epoch start. The epoch lives in shared memory, so DataLoader workers (persistent ones
-    included) see it.
+    (the rule applied to each transformed image, so it follows the augmentation). Training augmentation is seeded
+    per sample by (seed, epoch, index), so a resumed run sees the same augmented images; call `set_epoch` with the
+    0-based Trainer epoch at each epoch start. The epoch lives in shared memory, so DataLoader workers (persistent
+    ones included) see it.
 
     Example:
         ```python
@@ -243,8 +243,8 @@ def make_transforms(
         raise ValueError(f"object_mask must be one of {OBJECT_MASKS}, a function or None, got {object_mask!r}.")
     eval_transform = EvalTransform(config)
     data_config = eval_transform.data_config
-    object_mask_rule = object_mask
-    if object_mask == "nonzero":
+    nonzero = object_mask == "nonzero"
+    if nonzero:
         object_mask = nonzero_pixels(data_config["mean"], data_config["std"])
     if not train:
         pipeline: Callable[[PIL.Image.Image], torch.Tensor] = eval_transform
@@ -258,7 +258,7 @@ def make_transforms(
 
         # timm's own training options in a data-config mapping (scale, ratio, hflip, color_jitter, ...) pass through.
         options = dict(config) if isinstance(config, Mapping) else {}
-        if isinstance(object_mask_rule, str):  # "nonzero" needs black to stay black: no colour jitter unless asked
+        if nonzero:  # the rule needs black to stay black: no colour jitter unless the mapping asks for it
             options.setdefault("color_jitter", None)
         pipeline = create_transform(**{**options, **data_config}, is_training=True)
     num_labels = getattr(config, "num_labels", None)
